@@ -1,0 +1,211 @@
+"""ModelConfig: every BailingMoeV2 (Ling 2.0) hyper-parameter, frozen and self-validating.
+
+Code below the config layer only ever sees this dataclass (never an ml_collections ConfigDict).
+Derived values are properties. `validate()` runs in `__post_init__`, so an inconsistent config
+cannot be constructed; each error names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_moe_out")
+MOE_DISPATCHES = ("dense", "ragged")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the model cannot use; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN rope scaling (HF `rope_scaling` with rope_type "yarn")."""
+
+    factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "yarn"
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.rope_type != "yarn":
+            raise ConfigError(f"rope_scaling.rope_type: only 'yarn' is supported, got {self.rope_type!r}")
+        if not self.factor >= 1.0:
+            raise ConfigError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError(
+                "rope_scaling.original_max_position_embeddings must be positive, got "
+                f"{self.original_max_position_embeddings}"
+            )
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ConfigError(
+                f"rope_scaling: need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Ling 2.0 model. Names follow the HF BailingMoeV2 config where one exists."""
+
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    num_layers: int = 20  # main stack only; MTP layers are counted in num_mtp_layers
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    intermediate_size: int = 5120  # dense SwiGLU width (layers < first_k_dense_replace)
+    num_experts: int = 256
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    num_shared_experts: int = 1
+    moe_intermediate_size: int = 512
+    first_k_dense_replace: int = 1
+    routed_scaling_factor: float = 2.5
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 600000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 32768
+    use_qk_norm: bool = True
+    use_qkv_bias: bool = False
+    use_bias: bool = False  # bias of the attention output projection
+    num_mtp_layers: int = 1
+    mtp_loss_weight: float = 0.1
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    init_std: float = 0.006
+    # Numerics and compilation.
+    dtype: str = "float32"  # activation / matmul dtype; norms, router and softmax stay float32
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    moe_dispatch: str = "dense"
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.n_group
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.num_shared_experts
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        positive = (
+            "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "intermediate_size", "num_experts", "num_experts_per_tok", "n_group", "topk_group",
+            "moe_intermediate_size", "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_shared_experts", "first_k_dense_replace", "num_mtp_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.head_dim * self.partial_rotary_factor != self.rotary_dim:
+            raise ConfigError(
+                f"partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} is not an integer"
+            )
+        if self.rotary_dim % 2:
+            raise ConfigError(
+                f"partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} gives an odd "
+                f"rotary dim {self.rotary_dim}; RoPE rotates pairs"
+            )
+        if self.num_experts % self.n_group:
+            raise ConfigError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+        if self.experts_per_group < 2:
+            raise ConfigError(
+                f"each of the n_group={self.n_group} groups needs >= 2 experts (group score = sum of top-2), "
+                f"got {self.experts_per_group}"
+            )
+        if self.num_experts_per_tok > self.topk_group * self.experts_per_group:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the kept groups "
+                f"(topk_group {self.topk_group} x {self.experts_per_group} experts per group)"
+            )
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.rms_norm_eps <= 0:
+            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.mtp_loss_weight < 0:
+            raise ConfigError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            raise ConfigError(f"moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name} ({value}) must be in [0, vocab_size={self.vocab_size})")
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from a plain mapping (e.g. an ml_collections ConfigDict's `to_dict()`).
+
+        Unknown keys are an error naming them, so a typo never silently falls back to a default.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        values = dict(fields)
+        scaling = values.get("rope_scaling")
+        if isinstance(scaling, Mapping):
+            values["rope_scaling"] = RopeScaling(**dict(scaling))
+        return cls(**values)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

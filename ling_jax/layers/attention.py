@@ -1,0 +1,84 @@
+"""Grouped-query attention with QK RMSNorm, partial RoPE, segment masking and a fixed-size KV cache."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from ling_jax.config import ModelConfig
+from ling_jax.layers.basic import Einsum, RMSNorm, param_with_axes
+from ling_jax.layers.rope import apply_rope
+
+
+class KVCache(NamedTuple):
+    """One layer's cache: keys and values [B, S, K, Dh] for S slots."""
+
+    k_BSKd: jax.Array
+    v_BSKd: jax.Array
+
+
+def attention_mask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS) -> jax.Array:
+    """[B, T, S] True where query t may attend key s: same segment and not in the future.
+
+    Causality is by slot index (packed documents restart their positions, so positions cannot be
+    used); segment 0 marks padding / empty cache slots, which real tokens never attend to.
+    """
+    same_segment = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
+    causal = kv_index_BS[:, None, :] <= q_index_BT[:, :, None]
+    return same_segment & causal
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_BTS, cache: KVCache | None = None, cache_index=None):
+        cfg = self.config
+        dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
+        H, K, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        G = H // K
+
+        def proj(name, heads, axes):
+            return Einsum((D, heads, Dh), ("embed", axes, "head_dim"), dtype, pdtype, cfg.init_std, name=name)
+
+        q_BTHd = proj("q_proj", H, "q_heads")("BTD,DHd->BTHd", x_BTD)
+        k_BTKd = proj("k_proj", K, "kv_heads")("BTD,DKd->BTKd", x_BTD)
+        v_BTKd = proj("v_proj", K, "kv_heads")("BTD,DKd->BTKd", x_BTD)
+        if cfg.use_qkv_bias:
+            init = nn.initializers.zeros
+            q_BTHd += param_with_axes(self, "q_bias", init, (H, Dh), ("q_heads", "head_dim"), pdtype).astype(dtype)
+            k_BTKd += param_with_axes(self, "k_bias", init, (K, Dh), ("kv_heads", "head_dim"), pdtype).astype(dtype)
+            v_BTKd += param_with_axes(self, "v_bias", init, (K, Dh), ("kv_heads", "head_dim"), pdtype).astype(dtype)
+        if cfg.use_qk_norm:
+            q_BTHd = RMSNorm(cfg.rms_norm_eps, "head_dim", pdtype, name="query_norm")(q_BTHd)
+            k_BTKd = RMSNorm(cfg.rms_norm_eps, "head_dim", pdtype, name="key_norm")(k_BTKd)
+        q_BTHd = apply_rope(q_BTHd, cos_BTR, sin_BTR)
+        k_BTKd = apply_rope(k_BTKd, cos_BTR, sin_BTR)
+
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_BSKd = jax.lax.dynamic_update_slice(cache.k_BSKd, k_BTKd.astype(cache.k_BSKd.dtype), start)
+            v_BSKd = jax.lax.dynamic_update_slice(cache.v_BSKd, v_BTKd.astype(cache.v_BSKd.dtype), start)
+            new_cache = KVCache(k_BSKd, v_BSKd)
+            k_BTKd, v_BTKd = k_BSKd.astype(dtype), v_BSKd.astype(dtype)
+
+        B, T = x_BTD.shape[:2]
+        q_BTKGd = q_BTHd.reshape(B, T, K, G, Dh)  # query head h uses kv head h // G
+        scores_BKGTS = jnp.einsum("BTKGd,BSKd->BKGTS", q_BTKGd, k_BTKd, preferred_element_type=jnp.float32)
+        scores_BKGTS = scores_BKGTS / math.sqrt(Dh)
+        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
+        out_BTKGd = jnp.einsum("BKGTS,BSKd->BTKGd", probs_BKGTS, v_BTKd)
+        out_BTHd = out_BTKGd.reshape(B, T, H, Dh)
+        out_BTD = Einsum((H, Dh, D), ("q_heads", "head_dim", "embed"), dtype, pdtype, cfg.init_std, name="o_proj")(
+            "BTHd,HdD->BTD", out_BTHd
+        )
+        if cfg.use_bias:
+            out_BTD += param_with_axes(self, "o_bias", nn.initializers.zeros, (D,), ("embed",), pdtype).astype(dtype)
+        return checkpoint_name(out_BTD, "attn_out"), new_cache

@@ -1,0 +1,173 @@
+"""LingModel: the Ling 2.0 (BailingMoeV2) causal LM as a pure-functional Linen module.
+
+    out = LingModel(cfg).apply(variables, input_ids_BT)           # variables: params + expert_bias
+    out.logits [B, T, V], out.mtp_logits [M, B, T, V], out.router.counts_E [L_moe, E]
+
+The dense prefix and the MoE layers are two `nn.scan` stacks. Packed sequences pass
+`segment_ids` (0 = padding) and per-document `positions`; attention never crosses segments.
+Decoding passes a fixed-size `DecodeCache` (see ling_jax/generate.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from ling_jax.config import ModelConfig
+from ling_jax.layers.attention import KVCache, attention_mask
+from ling_jax.layers.basic import RMSNorm, param_with_axes
+from ling_jax.layers.decoder import MTPLayer
+from ling_jax.layers.moe import RouterStats
+from ling_jax.layers.rope import rope_cos_sin
+from ling_jax.layers.stack import LayerStack
+
+
+class DecodeCache(NamedTuple):
+    """KV caches of the dense and MoE stacks ([L, B, S, K, Dh] each), the segment id of every slot
+    [B, S] (0 = empty or padding) and the next slot to write (int32 scalar)."""
+
+    dense: KVCache | None
+    moe: KVCache | None
+    segment_ids_BS: jax.Array
+    index: jax.Array
+
+
+@flax.struct.dataclass
+class LingOutput:
+    logits: jax.Array  # [B, T, V] float32
+    mtp_logits: jax.Array | None  # [M, B, T, V] float32; MTP layer i predicts token t + i + 2
+    hidden_states: jax.Array  # [1 + L, B, T, D]: embeddings, then each main layer's output
+    final_hidden: jax.Array  # [B, T, D] after the final norm (lm_head input)
+    mtp_hidden: jax.Array | None  # [M, B, T, D] after each MTP layer's final norm
+    router: RouterStats | None  # main-stack MoE layers, stacked: counts_E [L_moe, E], ...
+    mtp_router: RouterStats | None  # MTP layers, stacked: counts_E [M, E], ...
+    cache: DecodeCache | None
+
+
+def _concat_stats(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+class LingModel(nn.Module):
+    config: ModelConfig
+    checked: bool = False  # add checkify checks (token ids in range); run under checkify.checkify
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: DecodeCache | None = None,
+        with_mtp: bool = True,
+    ) -> LingOutput:
+        cfg = self.config
+        B, T = input_ids_BT.shape
+        if self.checked:
+            ids = input_ids_BT
+            checkify.check(
+                jnp.all((ids >= 0) & (ids < cfg.vocab_size)),
+                "input_ids out of range [0, {V}): min id {lo}, max id {hi}",
+                V=cfg.vocab_size, lo=ids.min(), hi=ids.max(),
+            )
+        start = jnp.int32(0) if cache is None else cache.index
+        index_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if positions_BT is None:
+            positions_BT = index_BT
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        token_mask_BT = segment_ids_BT != 0
+
+        embedding_VD = param_with_axes(
+            self, "embedding", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size),
+            ("vocab", "embed"), cfg.jnp_param_dtype,
+        )
+        emb_BTD = jnp.take(embedding_VD, input_ids_BT, axis=0).astype(cfg.jnp_dtype)
+        cos_BTR, sin_BTR = rope_cos_sin(positions_BT, cfg)
+
+        if cache is None:
+            mask_BTS = attention_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT)
+            new_segments_BS = None
+        else:
+            new_segments_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
+            S = new_segments_BS.shape[1]
+            slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            mask_BTS = attention_mask(segment_ids_BT, new_segments_BS, index_BT, slots_BS)
+
+        x_BTD = emb_BTD
+        hidden, router, caches = [emb_BTD[None]], None, {}
+        common = (cos_BTR, sin_BTR, mask_BTS, token_mask_BT, None if cache is None else cache.index)
+        for name, is_moe, n in (("dense", False, cfg.num_dense_layers), ("moe", True, cfg.num_moe_layers)):
+            if n == 0:
+                caches[name] = None
+                continue
+            layer_cache = None if cache is None else getattr(cache, name)
+            x_BTD, (h_LBTD, stats, caches[name]) = LayerStack(cfg, is_moe, n, name=f"{name}_stack")(
+                x_BTD, *common, layer_cache
+            )
+            hidden.append(h_LBTD)
+            router = _concat_stats(router, stats)
+
+        final_norm = RMSNorm(cfg.rms_norm_eps, "norm", cfg.jnp_param_dtype, name="final_norm")
+        final_BTD = final_norm(x_BTD)
+        if cfg.tie_word_embeddings:
+            lm_head_DV = embedding_VD.T
+        else:
+            lm_head_DV = param_with_axes(
+                self, "lm_head", nn.initializers.normal(cfg.init_std), (cfg.hidden_size, cfg.vocab_size),
+                ("embed", "vocab"), cfg.jnp_param_dtype,
+            )
+
+        def logits(h_BTD):
+            return jnp.einsum(
+                "BTD,DV->BTV", h_BTD, lm_head_DV.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32
+            )
+
+        mtp_logits = mtp_hidden = mtp_router = None
+        if cfg.num_mtp_layers and with_mtp and cache is None:
+            ids_BT, h_BTD, outs = input_ids_BT, final_BTD, []
+            for i in range(cfg.num_mtp_layers):
+                # As the reference: ids shifted left by one more per MTP layer, vacated slots get id 0.
+                ids_BT = jnp.concatenate([ids_BT[:, 1:], jnp.zeros((B, 1), ids_BT.dtype)], axis=1)
+                e_BTD = jnp.take(embedding_VD, ids_BT, axis=0).astype(cfg.jnp_dtype)
+                h_BTD, stats = MTPLayer(cfg, name=f"mtp_{i}")(
+                    e_BTD, h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT
+                )
+                outs.append((h_BTD, stats))
+            mtp_hidden = jnp.stack([h for h, _ in outs])
+            mtp_logits = jax.vmap(logits)(mtp_hidden)
+            mtp_router = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in outs])
+
+        new_cache = None
+        if cache is not None:
+            new_cache = DecodeCache(caches["dense"], caches["moe"], new_segments_BS, cache.index + T)
+        return LingOutput(
+            logits=logits(final_BTD),
+            mtp_logits=mtp_logits,
+            hidden_states=jnp.concatenate(hidden),
+            final_hidden=final_BTD,
+            mtp_hidden=mtp_hidden,
+            router=router,
+            mtp_router=mtp_router,
+            cache=new_cache,
+        )
+
+
+def init_variables(config: ModelConfig, rng: jax.Array, batch_size: int = 1, seq_len: int = 8):
+    """Initialised variables ({"params", "expert_bias"}) as plain arrays (logical-axis boxes removed)."""
+    ids = jnp.zeros((batch_size, seq_len), jnp.int32)
+    return nn.unbox(LingModel(config).init(rng, ids))
+
+
+def logical_axes(config: ModelConfig, batch_size: int = 1, seq_len: int = 8):
+    """The logical axis names of every variable, as a pytree of PartitionSpecs (no allocation)."""
+    ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda: LingModel(config).init(jax.random.key(0), jnp.zeros(ids.shape, ids.dtype)))
+    return nn.get_partition_spec(boxed)
