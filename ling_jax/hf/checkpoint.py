@@ -114,6 +114,18 @@ def load_checkpoint(path, *, device_put: bool = False, **config_overrides: Any) 
     return cfg, variables
 
 
+def iter_hf_tensors(cfg: ModelConfig, variables: dict):
+    """Yields (HF name, HF-layout numpy tensor) for every tensor of the checkpoint, in table order.
+
+    Works on any tree with the variables' structure (e.g. gradients), one tensor at a time.
+    """
+    for entry in checkpoint_entries(cfg):
+        leaves = [np.asarray(_get(variables, c, p)) for c, p in entry.leaves]
+        for flat, name in enumerate(entry.hf_names):
+            where = np.unravel_index(flat, entry.stack) if entry.stack else ()
+            yield name, np.ascontiguousarray(entry.to_hf(tuple(leaf[where] for leaf in leaves)))
+
+
 def save_checkpoint(cfg: ModelConfig, variables: dict, path, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes `variables` as a HF BailingMoeV2 checkpoint (config.json + safetensors).
 
@@ -138,18 +150,11 @@ def save_checkpoint(cfg: ModelConfig, variables: dict, path, *, max_shard_bytes:
     if problems:
         raise CheckpointError("cannot save: variables do not match the config:\n  " + "\n  ".join(problems))
 
-    def tensors():
-        for entry in entries:
-            leaves = [np.asarray(_get(variables, c, p)) for c, p in entry.leaves]
-            for flat, name in enumerate(entry.hf_names):
-                where = np.unravel_index(flat, entry.stack) if entry.stack else ()
-                yield name, np.ascontiguousarray(entry.to_hf(tuple(leaf[where] for leaf in leaves)))
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         shards, current, size, total = [], {}, 0, 0
-        for name, tensor in tensors():
+        for name, tensor in iter_hf_tensors(cfg, variables):
             if current and size + tensor.nbytes > max_shard_bytes:
                 shards.append(current)
                 current, size = {}, 0

@@ -1,0 +1,1 @@
+"""Command-line entry points (see ling_jax/cli.py)."""

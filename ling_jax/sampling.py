@@ -1,0 +1,34 @@
+"""Next-token sampling from logits: greedy, temperature, top-k and top-p (nucleus)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sample_logits(logits_BV, rng, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Token ids [B] int32. temperature == 0 is greedy (argmax, lowest id on ties); top_k == 0 and
+    top_p == 1 disable those filters. Filters apply to the temperature-scaled logits."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        cutoff_B1 = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def validate_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [0, vocab_size={vocab_size}], got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
