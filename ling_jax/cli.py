@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         sys.exit(0 if len(argv) >= 2 else 2)
     configure_platform()
-    from absl import app, flags
+    from absl import app, flags, logging
 
     module = importlib.import_module(f"ling_jax.commands.{argv[1]}")
     command_argv = [f"ling-jax {argv[1]}"] + argv[2:]
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             _fail(argv[1], f"bad flag: {e}")
 
     def run(command_argv):
+        if not any(a.startswith(("--verbosity", "-v")) for a in command_argv):
+            logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
         try:
             module.main(command_argv)
         except ConfigError as e:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_moe_out")
-MOE_DISPATCHES = ("dense", "ragged")
+MOE_DISPATCHES = ("dense", "ragged", "blocked")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -14,6 +14,8 @@ from ling_jax.layers.basic import Einsum, RMSNorm
 from ling_jax.layers.mlp import MLP
 from ling_jax.layers.moe import MoE
 
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
 
 class DecoderLayer(nn.Module):
     """x + attn(norm(x)), then + ffn(norm(x)). Scanned over depth, so the call is carry-shaped:
@@ -28,6 +30,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, cache_index, cache: KVCache | None):
         cfg = self.config
         pdtype = cfg.jnp_param_dtype
+        x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
         h_BTD = RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="input_norm")(x_BTD)
         attn_BTD, new_cache = Attention(cfg, name="attention")(h_BTD, cos_BTR, sin_BTR, mask_BTS, cache, cache_index)
         x_BTD = x_BTD + attn_BTD
@@ -36,7 +39,7 @@ class DecoderLayer(nn.Module):
             ffn_BTD, stats = MoE(cfg, name="moe")(h_BTD, token_mask_BT)
         else:
             ffn_BTD, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(h_BTD), None
-        x_BTD = x_BTD + ffn_BTD
+        x_BTD = nn.with_logical_constraint(x_BTD + ffn_BTD, ACTIVATION_AXES)
         return x_BTD, (x_BTD, stats, new_cache)
 
 

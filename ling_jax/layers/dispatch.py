@@ -7,6 +7,15 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
 - "dense": every expert on every token, combined with a one-hot weight matrix. The plain reference
   (E / k times the useful FLOPs); tests compare every other path with it.
 - "ragged": sort the N*k assignments by expert and run grouped matmuls with `jax.lax.ragged_dot`.
+  On TPU and GPU ragged_dot lowers to grouped GEMM kernels that only touch each expert's rows, so this
+  costs ~the useful FLOPs there; XLA:CPU lowers it to a masked dense dot (~E times the useful work).
+- "blocked": expert-sorted rows padded per expert to a multiple of a block size, then a grouped GEMM over
+  fixed-size row blocks (a `lax.scan` that indexes each block's expert weights), with a custom VJP whose
+  gathers never turn into scatter-adds. Useful FLOPs plus at most E*(b-1) padding rows; the fast path
+  on CPU. Cost model and layout: ling_jax/layers/dispatch_blocked.py.
+
+`default_dispatch(platform)` picks the implementation per backend. Ids outside [0, E) mean "no
+assignment" for "dense" and "blocked" (expert parallelism relies on it); "ragged" needs valid ids.
 """
 
 from __future__ import annotations
@@ -16,8 +25,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ling_jax.layers.dispatch_blocked import DEFAULT_BLOCK_SIZE, dispatch_blocked
+
 
 class ExpertWeights(NamedTuple):
+    """Routed experts' SwiGLU weights, stacked over the expert axis E."""
+
     gate_EDF: jax.Array
     up_EDF: jax.Array
     down_EFD: jax.Array
@@ -60,10 +73,44 @@ def dispatch_ragged(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Arr
     return jnp.einsum("NkD,Nk->ND", out_NkD, weights_Nk.astype(out_NkD.dtype))
 
 
-DISPATCHERS = {"dense": dispatch_dense, "ragged": dispatch_ragged}
+DISPATCHERS = {"dense": dispatch_dense, "ragged": dispatch_ragged, "blocked": dispatch_blocked}
+_TAKES_BLOCK_SIZE = ("blocked",)
 
 
-def dispatch(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str) -> jax.Array:
+def default_dispatch(platform: str) -> str:
+    """The implementation to use on `platform` ("cpu", "gpu", "tpu"; e.g. `jax.default_backend()`).
+
+    cpu: "blocked" -- XLA:CPU turns ragged_dot into a masked dense dot (~E/k times the useful FLOPs,
+         about as slow as "dense"), while the blocked grouped GEMM runs plain dense [b, D] x [D, F]
+         matmuls at close to matmul peak.
+    gpu / tpu: "ragged" -- ragged_dot lowers to grouped GEMM kernels that skip the other experts' rows
+         and need no padding, and its (transposed) gradients are grouped GEMMs too; a sequential scan
+         over small blocks would leave an accelerator mostly idle.
+    """
+    platform = platform.lower()
+    if platform == "cpu":
+        return "blocked"
+    if platform in ("gpu", "cuda", "rocm", "tpu"):
+        return "ragged"
+    raise ValueError(f"unknown platform {platform!r}; expected 'cpu', 'gpu' or 'tpu'")
+
+
+def dispatch(
+    x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str, block_size: int | None = None
+) -> jax.Array:
+    """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) with implementation `impl`.
+
+    x [N, D], ids [N, k] int, weights [N, k]; returns [N, D] in x's dtype. `block_size` (rows per block)
+    applies to "blocked" only; None picks a default (DEFAULT_BLOCK_SIZE, smaller for small loads).
+    """
     if impl not in DISPATCHERS:
         raise ValueError(f"moe_dispatch {impl!r} is not one of {sorted(DISPATCHERS)}")
+    if impl in _TAKES_BLOCK_SIZE:
+        return DISPATCHERS[impl](x_ND, ids_Nk, weights_Nk, experts, block_size=block_size)
     return DISPATCHERS[impl](x_ND, ids_Nk, weights_Nk, experts)
+
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE", "DISPATCHERS", "ExpertWeights", "default_dispatch", "dispatch",
+    "dispatch_blocked", "dispatch_dense", "dispatch_ragged",
+]

@@ -1,0 +1,44 @@
+"""Builds the 4-axis device mesh from the `mesh` config section."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from ling_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "expert", "model")
+
+
+def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Fills the one -1 axis (if any) and checks that the product equals the device count."""
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    resolved = dict(sizes)
+    for name, v in sizes.items():
+        if v == -1:
+            if num_devices % fixed:
+                raise ConfigError(
+                    f"mesh.{name}=-1: the other axes' product {fixed} does not divide the {num_devices} devices"
+                )
+            resolved[name] = num_devices // fixed
+    product = math.prod(resolved.values())
+    if product != num_devices:
+        shown = ", ".join(f"mesh.{k}={v}" for k, v in resolved.items())
+        raise ConfigError(f"mesh product {product} ({shown}) must equal the number of devices ({num_devices})")
+    return resolved
+
+
+def build_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh over `devices` (default: all) with axes (data, fsdp, expert, model), Auto axis types so
+    logical sharding constraints apply inside jit."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape({k: sizes[k] for k in MESH_AXES}, len(devices))
+    if len(devices) > 1 and all(d.platform != "cpu" for d in devices):
+        device_array = jax.experimental.mesh_utils.create_device_mesh(tuple(shape.values()), devices)
+    else:
+        device_array = np.asarray(devices, dtype=object).reshape(tuple(shape.values()))
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -1,0 +1,202 @@
+"""The training run: data, mesh, sharded state, the compiled step, checkpoints, logs, a sample.
+
+`run(experiment, workdir)` resumes from the last complete checkpoint in `workdir` if there is
+one, and continues with exactly the losses an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from ling_jax.config import ConfigError
+from ling_jax.data import build_datasets, check_token_ids, make_eval_batches, make_train_iterator
+from ling_jax.generate import generate
+from ling_jax.sharding import batch_spec, build_mesh
+from ling_jax.sharding.rules import BATCH_AXES
+from ling_jax.train.checkpointing import Checkpointer
+from ling_jax.train.config import Experiment
+from ling_jax.train.flops import measure_matmul_peak, model_flops_per_token
+from ling_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_metrics
+from ling_jax.train.state import create_sharded_state, make_optimizer, state_shardings
+from ling_jax.train.step import make_eval_step, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    final_step: int
+    final_loss: float
+    heldout_loss: float | None
+    unigram_entropy: float
+    sample: str
+    records: list[dict]
+
+
+def experiment_to_dict(exp: Experiment) -> dict:
+    return {name: dataclasses.asdict(getattr(exp, name)) for name in ("model", "data", "train", "checkpoint", "mesh")}
+
+
+def check_batch_layout(exp: Experiment, mesh) -> None:
+    """Fails before compilation when the global batch cannot be split as the mesh asks."""
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if exp.train.batch_size % shards:
+        raise ConfigError(
+            f"train.batch_size={exp.train.batch_size} is not divisible by the batch-parallel devices "
+            f"mesh.data x mesh.fsdp x mesh.expert = {shards}"
+        )
+    if exp.train.batch_size % jax.process_count():
+        raise ConfigError(
+            f"train.batch_size={exp.train.batch_size} is not divisible by the {jax.process_count()} processes"
+        )
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats) of the corpus's token frequencies: the loss of the best context-free model."""
+    counts = np.bincount(np.asarray(tokens, np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _global_batch(local: dict, sharding: NamedSharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def evaluate(exp: Experiment, params, expert_bias, rows, eval_step, sharding, max_batches: int) -> float:
+    total, tokens = 0.0, 0.0
+    for i, batch in enumerate(make_eval_batches(rows, exp.train.batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        out = eval_step(params, expert_bias, _global_batch(batch, sharding))
+        total += float(out["ce_sum"])
+        tokens += float(out["tokens"])
+    return total / max(tokens, 1.0)
+
+
+def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunResult:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = build_mesh(exp.mesh.axes)
+    check_batch_layout(exp, mesh)
+    data = build_datasets(exp.data.source, exp.data.tokenizer, exp.train.seq_len, exp.data.heldout_fraction,
+                          exp.train.seed, exp.data.max_tokens or None)
+    if data.tokenizer.vocab_size > exp.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({data.tokenizer.vocab_size}, data.tokenizer={exp.data.tokenizer!r})"
+        )
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(experiment_to_dict(exp), indent=2) + "\n")
+    entropy = unigram_entropy(data.train.tokens_L)
+
+    optimizer = make_optimizer(exp.train)
+    abstract, shardings = state_shardings(exp.model, optimizer, mesh)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=exp.checkpoint.keep, async_save=exp.checkpoint.async_save)
+    iterator = make_train_iterator(data.train, global_batch_size=exp.train.batch_size, seed=exp.train.seed)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, abstract, shardings)
+        iterator.set_state(data_state)
+        print(f"resumed from {checkpointer.directory}/{latest}")
+    else:
+        state, _ = create_sharded_state(exp.model, optimizer, mesh, exp.train.seed)
+    train_step = make_train_step(exp.model, exp.train, optimizer, mesh, shardings)
+    eval_step = make_eval_step(exp.model, mesh, shardings)
+    batch_sharding = NamedSharding(mesh, batch_spec())
+
+    flops_per_token = model_flops_per_token(exp.model, exp.train.seq_len)
+    peak = exp.train.peak_flops_per_device or measure_matmul_peak(exp.model.jnp_dtype)
+    log = MetricsLog(workdir, enabled=is_main)
+    tokens_per_step = exp.train.batch_size * exp.train.seq_len
+    start_step = int(state.step)
+    bar = tqdm(total=exp.train.steps, initial=start_step, disable=not (progress and is_main), unit="step",
+               dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+    step = start_step
+    try:
+        while step < exp.train.steps:
+            local = next(iterator)
+            check_token_ids(local["inputs"], exp.model.vocab_size, what=f"train batch {step} inputs")
+            state, metrics = train_step(state, _global_batch(local, batch_sharding))
+            step += 1
+            window_steps += 1
+            streak = int(state.nonfinite_streak)
+            if streak >= exp.train.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"{streak} consecutive steps with a non-finite loss or gradient (train.max_nonfinite_steps="
+                    f"{exp.train.max_nonfinite_steps}); stopped at step {step}. The last good checkpoint in "
+                    f"{checkpointer.directory} is intact."
+                )
+            last = step == exp.train.steps
+            if step % exp.train.log_every == 0 or last:
+                m = jax.device_get(metrics)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                record = {
+                    "step": step,
+                    "loss": float(m["loss"]),
+                    "ce_loss": float(m["ce_loss"]),
+                    "mtp_loss": float(m.get("mtp_loss", float("nan"))),
+                    "grad_norm": float(m["grad_norm"]),
+                    "lr": float(m["learning_rate"]),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()),
+                    "load_max_over_mean": float(np.mean(m["load_max_over_mean"])),
+                    "load_cv": float(np.mean(m["load_cv"])),
+                    "skipped_steps": int(state.skipped_steps),
+                }
+                if "z_loss" in m:
+                    record["z_loss"] = float(m["z_loss"])
+                for i, (mx, cv) in enumerate(zip(m["load_max_over_mean"], m["load_cv"])):
+                    record[f"load_max_over_mean/layer_{i}"] = float(mx)
+                    record[f"load_cv/layer_{i}"] = float(cv)
+                if exp.train.eval_every and step % exp.train.eval_every == 0 and data.heldout is not None:
+                    record["heldout_loss"] = evaluate(exp, state.params, state.expert_bias, data.heldout, eval_step,
+                                                      batch_sharding, exp.train.eval_batches)
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                load=f"{record['load_max_over_mean']:.2f}")
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            if (exp.checkpoint.every and step % exp.checkpoint.every == 0) or last:
+                checkpointer.save(step, state, iterator.get_state())
+    finally:
+        bar.close()
+        checkpointer.wait()
+        log.close()
+
+    heldout = None
+    if data.heldout is not None:
+        heldout = evaluate(exp, state.params, state.expert_bias, data.heldout, eval_step, batch_sharding,
+                           exp.train.eval_batches)
+    records = read_metrics(log.path) if is_main and log.path.exists() else []
+    if is_main and records:
+        plot_loss_curve(workdir, records, workdir / "loss_curve.png", reference=entropy)
+    sample = ""
+    if exp.train.sample_tokens:
+        sample = sample_text(exp, state, data.tokenizer)
+    checkpointer.close()
+    return RunResult(step, records[-1]["loss"] if records else float("nan"), heldout, entropy, sample, records)
+
+
+def sample_text(exp: Experiment, state, tokenizer) -> str:
+    prompt = tokenizer.encode(exp.train.sample_prompt) or [tokenizer.eos_id]
+    variables = jax.device_get({"params": state.params, "expert_bias": state.expert_bias})
+    max_new = min(exp.train.sample_tokens, exp.model.max_position_embeddings - len(prompt))
+    out = generate(exp.model.replace(moe_dispatch=exp.model.moe_dispatch), variables, [prompt],
+                   max_new_tokens=max_new, temperature=exp.train.sample_temperature,
+                   stop_tokens=[tokenizer.eos_id] if tokenizer.eos_id is not None else (), seed=exp.train.seed)
+    return exp.train.sample_prompt + tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist())

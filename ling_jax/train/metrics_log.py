@@ -1,0 +1,69 @@
+"""Where training metrics go: one JSON object per logged step in WORKDIR/metrics.jsonl (flushed
+per line, so a killed run keeps what it logged), TensorBoard event files, and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class MetricsLog:
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of metrics.jsonl; for a step logged twice (re-run after a resume) the last one wins."""
+    by_step = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss_curve(path: Path, records: list[dict], out_png: Path, reference: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in records])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in records], label="train loss (CE + MTP)")
+    ax.plot(steps, [r["ce_loss"] for r in records], label="next-token CE")
+    held = [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out CE")
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", label="unigram entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.set_title(str(path))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""The pure train and eval steps. `make_train_step` jits one with explicit shardings and donation.
+
+Sharding choice: the state (params, optimizer moments, expert biases) is laid out by the logical
+rules table (fsdp over model width, experts over `expert`, heads/FFN over `model`); the batch is
+split over (data, fsdp, expert). Everything else is left to GSPMD. The state is donated, so a
+step updates it in place. Router counts are sums over the whole global batch (GSPMD inserts the
+all-reduce), so the balancing update is identical on every device and for any mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from ling_jax.config import ModelConfig
+from ling_jax.loss import lm_loss
+from ling_jax.model import LingModel
+from ling_jax.sharding.rules import LOGICAL_AXIS_RULES, batch_spec, replicated
+from ling_jax.train.balance import counts_like_bias, load_metrics, update_expert_bias
+from ling_jax.train.config import TrainConfig
+from ling_jax.train.schedule import wsm_schedule
+from ling_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions [B, T] int32; loss_mask [B, T] float32
+
+
+def _forward_loss(params, expert_bias, batch: Batch, model_cfg: ModelConfig, z_loss_weight: float):
+    out = LingModel(model_cfg).apply(
+        {"params": params, "expert_bias": expert_bias}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    token_mask = batch["segment_ids"] != 0
+    loss, metrics = lm_loss(out, batch["targets"], batch["loss_mask"], mtp_weight=model_cfg.mtp_loss_weight,
+                            z_loss_weight=z_loss_weight, token_mask_BT=token_mask)
+    return loss, (metrics, out.router, out.mtp_router)
+
+
+def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Any]]:
+    grad_fn = jax.value_and_grad(_forward_loss, has_aux=True)
+    (loss, (metrics, router, mtp_router)), grads = grad_fn(
+        state.params, state.expert_bias, batch, model_cfg, train_cfg.z_loss_weight
+    )
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    counts_main = router.counts_E if router is not None else jnp.zeros((0, model_cfg.num_experts))
+    counts_mtp = mtp_router.counts_E if mtp_router is not None else jnp.zeros((0, model_cfg.num_experts))
+    expert_bias = state.expert_bias
+    if train_cfg.bias_update_rate and state.expert_bias:
+        counts = counts_like_bias(model_cfg, counts_main, counts_mtp)
+        expert_bias = update_expert_bias(state.expert_bias, counts, train_cfg.bias_update_rate)
+
+    # A non-finite loss or gradient skips the whole update (params, moments, biases).
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        expert_bias=keep(expert_bias, state.expert_bias),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(metrics)
+    metrics.update(
+        grad_norm=grad_norm,
+        learning_rate=wsm_schedule(train_cfg.learning_rate, train_cfg.warmup_steps)(state.step),
+        finite=finite,
+        expert_counts=counts_main,
+        **load_metrics(counts_main if counts_main.shape[0] else jnp.ones((1, model_cfg.num_experts))),
+    )
+    return new_state, metrics
+
+
+def eval_step(params, expert_bias, batch: Batch, *, model_cfg: ModelConfig) -> dict[str, jax.Array]:
+    """Summed next-token CE and token count (MTP excluded), for held-out loss."""
+    out = LingModel(model_cfg).apply({"params": params, "expert_bias": expert_bias}, batch["inputs"],
+                                     batch["positions"], batch["segment_ids"], with_mtp=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return {"ce_sum": (ce * mask).sum(), "tokens": mask.sum()}
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer, mesh, state_shardings,
+                    rules=LOGICAL_AXIS_RULES):
+    """The train step jitted once: explicit in/out shardings, donated state."""
+    batch_sharding = NamedSharding(mesh, batch_spec())
+    step = functools.partial(train_step, model_cfg=model_cfg, train_cfg=train_cfg, optimizer=optimizer)
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+    def run(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
+
+
+def make_eval_step(model_cfg: ModelConfig, mesh, state_shardings, rules=LOGICAL_AXIS_RULES):
+    batch_sharding = NamedSharding(mesh, batch_spec())
+    jitted = jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
+                     in_shardings=(state_shardings.params, state_shardings.expert_bias, batch_sharding),
+                     out_shardings=replicated(mesh))
+
+    def run(params, expert_bias, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(params, expert_bias, batch)
+
+    return run
