@@ -15,6 +15,7 @@ import jax.numpy as jnp
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_moe_out")
 MOE_DISPATCHES = ("dense", "ragged", "blocked")
 DTYPES = ("float32", "bfloat16", "float16")
+FP8_MODES = ("off", "xla", "pallas")  # FP8 projections: off, the XLA reference path, the Pallas kernel
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     moe_dispatch: str = "dense"
+    fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/layers/fp8.py)
 
     def __post_init__(self):
         self.validate()
@@ -176,6 +178,10 @@ class ModelConfig:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.mtp_loss_weight < 0:
             raise ConfigError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        if not self.routed_scaling_factor > 0:
+            raise ConfigError(f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
+        if not self.init_std > 0:
+            raise ConfigError(f"init_std must be positive, got {self.init_std}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling)}")
         for name in ("dtype", "param_dtype"):
@@ -185,6 +191,8 @@ class ModelConfig:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             raise ConfigError(f"moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+        if self.fp8 not in FP8_MODES:
+            raise ConfigError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:

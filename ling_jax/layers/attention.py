@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ling_jax.config import ModelConfig
-from ling_jax.layers.basic import Einsum, RMSNorm, param_with_axes
+from ling_jax.layers.basic import RMSNorm, param_with_axes, projection
 from ling_jax.layers.rope import apply_rope
 
 
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         G = H // K
 
         def proj(name, heads, axes):
-            return Einsum((D, heads, Dh), ("embed", axes, "head_dim"), dtype, pdtype, cfg.init_std, name=name)
+            return projection(cfg, (D, heads, Dh), ("embed", axes, "head_dim"), name)
 
         q_BTHd = proj("q_proj", H, "q_heads")("BTD,DHd->BTHd", x_BTD)
         k_BTKd = proj("k_proj", K, "kv_heads")("BTD,DKd->BTKd", x_BTD)
@@ -76,7 +76,7 @@ class Attention(nn.Module):
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
         out_BTKGd = jnp.einsum("BKGTS,BSKd->BTKGd", probs_BKGTS, v_BTKd)
         out_BTHd = out_BTKGd.reshape(B, T, H, Dh)
-        out_BTD = Einsum((H, Dh, D), ("q_heads", "head_dim", "embed"), dtype, pdtype, cfg.init_std, name="o_proj")(
+        out_BTD = projection(cfg, (H, Dh, D), ("q_heads", "head_dim", "embed"), "o_proj", contract=2)(
             "BTHd,HdD->BTD", out_BTHd
         )
         if cfg.use_bias:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ling_jax.layers.fp8 import FP8_STATS, check_projection_equation, fp8_projection, quantization_stats
 
 
 def param_with_axes(module: nn.Module, name: str, init_fn, shape: Sequence[int], axes: Sequence[str], dtype):
@@ -19,8 +23,10 @@ def param_with_axes(module: nn.Module, name: str, init_fn, shape: Sequence[int],
 class Einsum(nn.Module):
     """A projection `einsum(equation, x, kernel)` with the equation at the call site.
 
-    The kernel is created with `shape` and logical `axes`; matmuls run in `dtype` with float32
-    accumulation where the backend supports it.
+    The kernel is created with `shape` and logical `axes`; matmuls run in `dtype`. With `fp8`
+    set ("xla" or "pallas"), the projection runs as a blockwise-scaled FP8 matmul (forward and
+    backward) and sows quantization statistics of its input and kernel into "fp8_stats"; the
+    equation must then contract x's last `contract` axes with the kernel's first ones.
     """
 
     shape: tuple[int, ...]
@@ -28,13 +34,30 @@ class Einsum(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.006
+    fp8: str | None = None
+    contract: int = 1
 
     @nn.compact
     def __call__(self, equation: str, x: jax.Array) -> jax.Array:
         kernel = param_with_axes(
             self, "kernel", nn.initializers.normal(self.init_std), self.shape, self.axes, self.param_dtype
         )
-        return jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.fp8 is None:
+            return jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        check_projection_equation(equation, x.ndim, kernel.ndim, self.contract)
+        x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - self.contract:]))
+        for name, value in quantization_stats(x_MK, blocks=False).items():
+            self.sow(FP8_STATS, f"input_{name}", value)
+        for name, value in quantization_stats(kernel.reshape(x_MK.shape[1], -1), blocks=True).items():
+            self.sow(FP8_STATS, f"kernel_{name}", value)
+        return fp8_projection(x.astype(self.dtype), kernel.astype(self.dtype), contract=self.contract,
+                              impl=self.fp8, out_dtype=self.dtype)
+
+
+def projection(cfg, shape, axes, name: str, contract: int = 1) -> Einsum:
+    """An Einsum with the config's dtypes, init and FP8 mode."""
+    return Einsum(tuple(shape), tuple(axes), cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.init_std,
+                  fp8=None if cfg.fp8 == "off" else cfg.fp8, contract=contract, name=name)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import Attention, KVCache
-from ling_jax.layers.basic import Einsum, RMSNorm
+from ling_jax.layers.basic import RMSNorm, projection
 from ling_jax.layers.mlp import MLP
 from ling_jax.layers.moe import MoE
 
@@ -57,9 +57,7 @@ class MTPLayer(nn.Module):
         h_BTD = RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="hnorm")(h_BTD)
         eh_BT2D = jnp.concatenate([e_BTD, h_BTD], axis=-1)
         D = cfg.hidden_size
-        z_BTD = Einsum((2 * D, D), ("embed_concat", "embed"), cfg.jnp_dtype, pdtype, cfg.init_std, name="eh_proj")(
-            "BTC,CD->BTD", eh_BT2D
-        )
+        z_BTD = projection(cfg, (2 * D, D), ("embed_concat", "embed"), "eh_proj")("BTC,CD->BTD", eh_BT2D)
         z_BTD, (_, stats, _) = DecoderLayer(cfg, is_moe=True, name="layer")(
             z_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, None, None
         )

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 
 from ling_jax.config import ModelConfig
-from ling_jax.layers.basic import Einsum
+from ling_jax.layers.basic import projection
 
 
 class MLP(nn.Module):
@@ -17,7 +17,6 @@ class MLP(nn.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         cfg = self.config
         D, F = cfg.hidden_size, self.width
-        args = (cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.init_std)
-        gate_BTF = Einsum((D, F), ("embed", "mlp"), *args, name="gate_proj")("BTD,DF->BTF", x_BTD)
-        up_BTF = Einsum((D, F), ("embed", "mlp"), *args, name="up_proj")("BTD,DF->BTF", x_BTD)
-        return Einsum((F, D), ("mlp", "embed"), *args, name="down_proj")("BTF,FD->BTD", nn.silu(gate_BTF) * up_BTF)
+        gate_BTF = projection(cfg, (D, F), ("embed", "mlp"), "gate_proj")("BTD,DF->BTF", x_BTD)
+        up_BTF = projection(cfg, (D, F), ("embed", "mlp"), "up_proj")("BTD,DF->BTF", x_BTD)
+        return projection(cfg, (F, D), ("mlp", "embed"), "down_proj")("BTF,FD->BTD", nn.silu(gate_BTF) * up_BTF)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.decoder import DecoderLayer
+from ling_jax.layers.fp8 import FP8_STATS
 from ling_jax.layers.moe import EXPERT_BIAS
 
 
@@ -38,7 +39,7 @@ class LayerStack(nn.Module):
         if cfg.scan_layers:
             scanned = nn.scan(
                 layer_cls,
-                variable_axes={"params": 0, EXPERT_BIAS: 0},
+                variable_axes={"params": 0, EXPERT_BIAS: 0, FP8_STATS: 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * len(broadcast) + (0,),
                 length=self.num_layers,

@@ -12,8 +12,8 @@ import math
 import time
 from pathlib import Path
 
+import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
@@ -68,6 +68,21 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     counts = np.bincount(np.asarray(tokens, np.int64))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def fp8_records(stats) -> dict[str, float]:
+    """Flattens sown FP8 statistics to `fp8/<module path>/<stat>[/layer_i]` metric names."""
+    if not stats:
+        return {}
+    records = {}
+    for path, value in flax.traverse_util.flatten_dict(stats).items():
+        name = "fp8/" + "/".join(path)
+        value = np.atleast_1d(np.asarray(value))
+        if value.size == 1:
+            records[name] = float(value[0])
+        else:
+            records.update({f"{name}/layer_{i}": float(v) for i, v in enumerate(value)})
+    return records
 
 
 def _global_batch(local: dict, sharding: NamedSharding) -> dict:
@@ -163,6 +178,7 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
                 for i, (mx, cv) in enumerate(zip(m["load_max_over_mean"], m["load_cv"])):
                     record[f"load_max_over_mean/layer_{i}"] = float(mx)
                     record[f"load_cv/layer_{i}"] = float(cv)
+                record.update(fp8_records(m.get("fp8_stats")))
                 if exp.train.eval_every and step % exp.train.eval_every == 0 and data.heldout is not None:
                     record["heldout_loss"] = evaluate(exp, state.params, state.expert_bias, data.heldout, eval_step,
                                                       batch_sharding, exp.train.eval_batches)

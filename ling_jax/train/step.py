@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from ling_jax.config import ModelConfig
+from ling_jax.layers.fp8 import FP8_STATS
 from ling_jax.loss import lm_loss
 from ling_jax.model import LingModel
 from ling_jax.sharding.rules import LOGICAL_AXIS_RULES, batch_spec, replicated
@@ -31,12 +32,20 @@ Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions [B, T] i
 
 
 def _forward_loss(params, expert_bias, batch: Batch, model_cfg: ModelConfig, z_loss_weight: float):
-    out = LingModel(model_cfg).apply(
-        {"params": params, "expert_bias": expert_bias}, batch["inputs"], batch["positions"], batch["segment_ids"]
-    )
+    variables = {"params": params, "expert_bias": expert_bias}
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    model = LingModel(model_cfg)
+    fp8_stats = None
+    if model_cfg.fp8 == "off":
+        out = model.apply(variables, *args)
+    else:  # FP8 projections sow their quantization statistics
+        out, sown = model.apply(variables, *args, mutable=[FP8_STATS])
+        fp8_stats = jax.tree.map(lambda t: t[0], sown[FP8_STATS], is_leaf=lambda x: isinstance(x, tuple))
     token_mask = batch["segment_ids"] != 0
     loss, metrics = lm_loss(out, batch["targets"], batch["loss_mask"], mtp_weight=model_cfg.mtp_loss_weight,
                             z_loss_weight=z_loss_weight, token_mask_BT=token_mask)
+    if fp8_stats is not None:
+        metrics["fp8_stats"] = fp8_stats
     return loss, (metrics, out.router, out.mtp_router)
 
 

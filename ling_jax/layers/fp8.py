@@ -1,0 +1,62 @@
+"""FP8 mixed precision for projections: blockwise-scaled E4M3 matmuls (Ling 2.0 / DeepSeek-V3
+recipe: activations and gradients in [1, 128] tiles, weights in [128, 128] blocks, float32 scales
+and accumulation; see pallas_kernels/fp8_matmul) plus the per-op health statistics the recipe
+monitors: the fraction of non-zero values that underflow to zero, and the cosine similarity of a
+tensor with its quantize-dequantize round trip."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8_matmul import blockwise_fp8_matmul, quantize_blocks, quantize_tiles
+from pallas_kernels.fp8_matmul.config import QUANT_BLOCK
+
+FP8_STATS = "fp8_stats"  # variable collection the statistics are sown into
+
+
+def _dequantize(q, scales, rows, cols, block_rows: int):
+    q32 = q.astype(jnp.float32)
+    s = jnp.repeat(jnp.repeat(scales, block_rows, axis=0)[: q.shape[0]], QUANT_BLOCK, axis=1)
+    return (q32 * s[:, : q.shape[1]])[:rows, :cols]
+
+
+def quantization_stats(x_RC: jax.Array, *, blocks: bool) -> dict[str, jax.Array]:
+    """Underflow fraction and quantize-dequantize cosine similarity of a 2-D tensor, quantized in
+    [128, 128] blocks (weights) or [1, 128] tiles (activations)."""
+    x_RC = jax.lax.stop_gradient(x_RC).astype(jnp.float32)
+    rows, cols = x_RC.shape
+    q, scales = quantize_blocks(x_RC) if blocks else quantize_tiles(x_RC)
+    x_dq = _dequantize(q, scales, rows, cols, QUANT_BLOCK if blocks else 1)
+    nonzero = x_RC != 0
+    underflow = jnp.sum(nonzero & (x_dq == 0)) / jnp.maximum(jnp.sum(nonzero), 1)
+    cosine = jnp.sum(x_RC * x_dq) / jnp.maximum(jnp.linalg.norm(x_RC) * jnp.linalg.norm(x_dq), 1e-30)
+    return {"underflow": underflow, "cosine": cosine}
+
+
+def check_projection_equation(equation: str, x_ndim: int, kernel_ndim: int, contract: int) -> None:
+    """FP8 projections flatten to one 2-D matmul: the equation must contract x's last `contract`
+    axes with the kernel's first `contract` axes and keep the rest in order."""
+    lhs, out = equation.replace(" ", "").split("->")
+    x_axes, k_axes = lhs.split(",")
+    ok = (
+        len(x_axes) == x_ndim and len(k_axes) == kernel_ndim
+        and x_axes[x_ndim - contract:] == k_axes[:contract]
+        and out == x_axes[: x_ndim - contract] + k_axes[contract:]
+    )
+    if not ok:
+        raise ValueError(
+            f"FP8 projection needs an equation contracting x's last {contract} axes with the kernel's first "
+            f"{contract}, got {equation!r}"
+        )
+
+
+def fp8_projection(x, kernel, *, contract: int, impl: str, out_dtype) -> jax.Array:
+    """x [..., *C] @ kernel [*C, *O] -> [..., *O] through the blockwise FP8 matmul."""
+    k = math.prod(kernel.shape[:contract])
+    x_MK = x.reshape(-1, k)
+    w_KN = kernel.reshape(k, -1)
+    y_MN = blockwise_fp8_matmul(x_MK, w_KN, impl=impl, out_dtype=out_dtype)
+    return y_MN.reshape(*x.shape[: x.ndim - contract], *kernel.shape[contract:])
