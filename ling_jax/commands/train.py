@@ -15,10 +15,17 @@ from ling_jax.commands.flags import define_config_flag
 _CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "run directory: checkpoints, metrics.jsonl, TensorBoard")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU only: devices to emulate in this process (0 = 1)")
 
 
 def main(argv):
     del argv
+    from ling_jax.distributed import initialize
+
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value)
     from ling_jax.train.config import experiment_from_config
     from ling_jax.train.loop import TrainingDiverged, run
 

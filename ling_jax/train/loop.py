@@ -14,6 +14,7 @@ from pathlib import Path
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import NamedSharding
 from tqdm import tqdm
@@ -210,7 +211,10 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
 
 def sample_text(exp: Experiment, state, tokenizer) -> str:
     prompt = tokenizer.encode(exp.train.sample_prompt) or [tokenizer.eos_id]
-    variables = jax.device_get({"params": state.params, "expert_bias": state.expert_bias})
+    variables = {"params": state.params, "expert_bias": state.expert_bias}
+    if jax.process_count() > 1:  # parameters span processes: gather a full copy on each host
+        variables = multihost_utils.process_allgather(variables, tiled=True)
+    variables = jax.device_get(variables)
     max_new = min(exp.train.sample_tokens, exp.model.max_position_embeddings - len(prompt))
     out = generate(exp.model.replace(moe_dispatch=exp.model.moe_dispatch), variables, [prompt],
                    max_new_tokens=max_new, temperature=exp.train.sample_temperature,
