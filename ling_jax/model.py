@@ -74,8 +74,9 @@ class LingModel(nn.Module):
             ids = input_ids_BT
             checkify.check(
                 jnp.all((ids >= 0) & (ids < cfg.vocab_size)),
-                "input_ids out of range [0, {V}): min id {lo}, max id {hi}",
-                V=cfg.vocab_size, lo=ids.min(), hi=ids.max(),
+                # Formatting arguments must be arrays (a Python int raises TypeError at trace time).
+                f"input_ids out of range [0, {cfg.vocab_size}): min id {{lo}}, max id {{hi}}",
+                lo=ids.min(), hi=ids.max(),
             )
         start = jnp.int32(0) if cache is None else cache.index
         index_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))

@@ -1,9 +1,11 @@
 """Load and save Hugging Face BailingMoeV2 checkpoints (single-file or sharded safetensors).
 
 Loading streams tensor by tensor into preallocated stacked host buffers, so host memory peaks
-at about the checkpoint's size plus one tensor. Saving writes shard by shard through a temporary
-directory that is renamed into place only when complete, so a crash never leaves a half-written
-checkpoint at `path`.
+at about the checkpoint's size plus one tensor. Tensors are read with plain file reads, not
+through safetensors' memory map: mapped file pages count toward the process's resident set until
+the map is closed, which doubled the peak (the checkpoint's size again on top of the buffers).
+Saving writes shard by shard through a temporary directory that is renamed into place only when
+complete, so a crash never leaves a half-written checkpoint at `path`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,6 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ling_jax.config import ModelConfig
@@ -36,6 +38,54 @@ class CheckpointError(ValueError):
     """The checkpoint's tensors do not match its config; the message lists every offending tensor."""
 
 
+class _SafetensorsReader:
+    """One .safetensors file: its header (names, dtypes, shapes, offsets) and tensors read on demand
+    with `readinto` straight into a fresh array (no memory map, no intermediate bytes object)."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self._f = open(file, "rb")
+        try:
+            (n,) = struct.unpack("<Q", self._f.read(8))
+            header = json.loads(self._f.read(n))
+        except (struct.error, ValueError) as e:
+            self._f.close()
+            raise CheckpointError(f"{file}: not a safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.header = header
+        self._data_start = 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str):
+        code = self.header[name]["dtype"]
+        if code not in _DTYPES:
+            raise CheckpointError(f"{self.file}: tensor {name} has unsupported dtype {code}")
+        return _DTYPES[code]
+
+    def read(self, name: str) -> np.ndarray:
+        begin, end = self.header[name]["data_offsets"]
+        out = np.empty(self.shape(name), self.dtype(name))
+        if out.nbytes != end - begin:
+            raise CheckpointError(f"{self.file}: tensor {name} has {end - begin} bytes, its shape needs {out.nbytes}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        self._f.seek(self._data_start + begin)
+        filled = 0
+        while filled < out.nbytes:
+            n = self._f.readinto(view[filled:])
+            if not n:
+                raise CheckpointError(f"{self.file}: truncated while reading tensor {name}")
+            filled += n
+        return out
+
+    def close(self):
+        self._f.close()
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     index = path / INDEX_FILE
     if index.is_file():
@@ -45,8 +95,11 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     single = path / SINGLE_FILE
     if not single.is_file():
         raise FileNotFoundError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-    with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+    reader = _SafetensorsReader(single)
+    try:
+        return {name: single for name in reader.keys()}
+    finally:
+        reader.close()
 
 
 def _check(entries: list[Entry], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
@@ -98,15 +151,21 @@ def load_checkpoint(path, *, device_put: bool = False, **config_overrides: Any) 
     entries = checkpoint_entries(cfg)
     variables: dict = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(files.values()))}
-        shapes = {name: tuple(handles[f].get_slice(name).get_shape()) for name, f in files.items()}
+        handles = {}
+        for f in sorted(set(files.values())):
+            handles[f] = _SafetensorsReader(f)
+            stack.callback(handles[f].close)
+        for name, f in files.items():
+            if name not in handles[f].header:
+                raise CheckpointError(f"{path}: {INDEX_FILE} maps {name} to {f.name}, which does not hold it")
+        shapes = {name: handles[f].shape(name) for name, f in files.items()}
         _check(entries, shapes, path)
         for entry in entries:
-            dtype = _DTYPES[handles[files[entry.hf_names[0]]].get_slice(entry.hf_names[0]).get_dtype()]
+            dtype = handles[files[entry.hf_names[0]]].dtype(entry.hf_names[0])
             buffers = [np.empty(entry.stack + s, dtype) for s in entry.slice_shapes]
             for flat, name in enumerate(entry.hf_names):
                 where = np.unravel_index(flat, entry.stack) if entry.stack else ()
-                for buffer, part in zip(buffers, entry.to_ours(handles[files[name]].get_tensor(name))):
+                for buffer, part in zip(buffers, entry.to_ours(handles[files[name]].read(name))):
                     buffer[where] = part
             for (collection, leaf), buffer in zip(entry.leaves, buffers):
                 _set(variables, collection, leaf, jax.device_put(buffer) if device_put else buffer)

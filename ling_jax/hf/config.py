@@ -69,6 +69,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         eos_token_id=_single_id(hf.get("eos_token_id")),
         pad_token_id=_single_id(hf.get("pad_token_id")),
+        init_std=float(hf.get("initializer_range") or ModelConfig.init_std),
         param_dtype=dtype,
         dtype=dtype,
     )
@@ -128,6 +129,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
+        "initializer_range": cfg.init_std,
         "torch_dtype": cfg.param_dtype,
     }
 
