@@ -8,11 +8,11 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
   (E / k times the useful FLOPs); tests compare every other path with it.
 - "ragged": sort the N*k assignments by expert and run grouped matmuls with `jax.lax.ragged_dot`.
   On TPU and GPU ragged_dot lowers to grouped GEMM kernels that only touch each expert's rows, so this
-  costs ~the useful FLOPs there; XLA:CPU lowers it to a masked dense dot (~E times the useful work).
-- "blocked": expert-sorted rows padded per expert to a multiple of a block size, then a grouped GEMM over
-  fixed-size row blocks (a `lax.scan` that indexes each block's expert weights), with a custom VJP whose
-  gathers never turn into scatter-adds. Useful FLOPs plus at most E*(b-1) padding rows; the fast path
-  on CPU. Cost model and layout: ling_jax/layers/dispatch_blocked.py.
+  costs ~the useful FLOPs there; XLA:CPU lowers it to masked dense dots (slower than "dense").
+- "blocked": expert-sorted rows padded per expert to a multiple of a block size b, then a grouped GEMM
+  over fixed-size row blocks (a `lax.scan` that indexes each block's expert weights) with a hand-written
+  VJP. Useful FLOPs plus at most E*(b-1) padding rows, static shapes, dropless; the fast path on CPU.
+  Layout, cost model and measurements: ling_jax/layers/dispatch_blocked.py.
 
 `default_dispatch(platform)` picks the implementation per backend. Ids outside [0, E) mean "no
 assignment" for "dense" and "blocked" (expert parallelism relies on it); "ragged" needs valid ids.
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ling_jax.layers.dispatch_blocked import DEFAULT_BLOCK_SIZE, dispatch_blocked
+from ling_jax.layers.dispatch_blocked import auto_block_size, dispatch_blocked
 
 
 class ExpertWeights(NamedTuple):
@@ -80,9 +80,9 @@ _TAKES_BLOCK_SIZE = ("blocked",)
 def default_dispatch(platform: str) -> str:
     """The implementation to use on `platform` ("cpu", "gpu", "tpu"; e.g. `jax.default_backend()`).
 
-    cpu: "blocked" -- XLA:CPU turns ragged_dot into a masked dense dot (~E/k times the useful FLOPs,
-         about as slow as "dense"), while the blocked grouped GEMM runs plain dense [b, D] x [D, F]
-         matmuls at close to matmul peak.
+    cpu: "blocked" -- XLA:CPU turns ragged_dot into masked dense dots (measured forward + backward of
+         a MoE layer with E 64, k 8: "ragged" ~40-90x and "dense" ~8-20x the dense-matmul floor,
+         "blocked" 1.25-1.5x), while the blocked grouped GEMM runs plain [b, D] x [D, 2F] matmuls.
     gpu / tpu: "ragged" -- ragged_dot lowers to grouped GEMM kernels that skip the other experts' rows
          and need no padding, and its (transposed) gradients are grouped GEMMs too; a sequential scan
          over small blocks would leave an accelerator mostly idle.
@@ -101,7 +101,7 @@ def dispatch(
     """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) with implementation `impl`.
 
     x [N, D], ids [N, k] int, weights [N, k]; returns [N, D] in x's dtype. `block_size` (rows per block)
-    applies to "blocked" only; None picks a default (DEFAULT_BLOCK_SIZE, smaller for small loads).
+    applies to "blocked" only; None picks `auto_block_size` (from the mean rows per expert).
     """
     if impl not in DISPATCHERS:
         raise ValueError(f"moe_dispatch {impl!r} is not one of {sorted(DISPATCHERS)}")
@@ -111,6 +111,6 @@ def dispatch(
 
 
 __all__ = [
-    "DEFAULT_BLOCK_SIZE", "DISPATCHERS", "ExpertWeights", "default_dispatch", "dispatch",
+    "DISPATCHERS", "auto_block_size", "ExpertWeights", "default_dispatch", "dispatch",
     "dispatch_blocked", "dispatch_dense", "dispatch_ragged",
 ]

@@ -15,21 +15,29 @@ the number of blocks has a STATIC bound (so shapes are static under jit):
 i.e. at most E' * (b - 1) padding rows on top of the M useful ones, versus N * E rows for per-expert
 buffers of the naive dropless capacity C = N.
 
-Cost model (f = FLOPs of one SwiGLU expert on one row = 6 * D * F):
-  forward   M * f useful + at most E'(b-1) * f on padding rows; blocks past the used ones are skipped
-            at run time (`lax.cond`), so the static bound costs memory, not FLOPs;
-  backward  twice the forward (dx and dW), with the SwiGLU activations g, u saved from the forward
-            ([R, F] each) instead of recomputed;
-  moves     x rows are gathered per block inside the loop (no [R, D] copy of x), expert weights are
-            read with a dynamic index (no [Q, D, F] gathered copy), dW is accumulated in place in a
-            float32 [E, D, F] loop carry; the only [R, D] buffers are the expert outputs (forward) and
-            the row gradients (backward), each read back once by a gather into token order.
-  The combine y_n = sum_j w_nj * out[pos_nj] and its transpose are gathers in both directions (a
-  custom VJP), never scatter-adds, which XLA:CPU executes serially.
+Cost model (f = 6 * D * F, the FLOPs of one SwiGLU expert on one row):
+  forward   M * f useful + padding rows (on average b / 2 per non-empty expert, at most b - 1);
+            blocks past the used ones are skipped at run time (`lax.cond`), so the static bound
+            costs memory, not FLOPs. gate and up run as one [b, D] x [D, 2F] matmul per block;
+  backward  2x the forward FLOPs (dx and dW), from the pre-activations [g | u] saved by the forward
+            ([R, 2F], the only [R, *] buffer); the routing-weight gradient <out, dy> = <h, dy down^T>
+            reuses a matmul the backward needs anyway, so expert outputs are never stored;
+  moves     per block, x / dy rows are gathered from token order and results are scatter-added back
+            into a float32 [N, D] loop carry (in place); expert weights are read by dynamic index (no
+            gathered [Q, D, F] copies); dW accumulates in place in a float32 [E, D, 2F] / [E, F, D]
+            carry. No [M, D]-sized buffer is materialised.
 
-Measured on a 2-core CPU (N 8192, D 512, F 256, E 64, k 8, float32, forward + backward): the
-`lax.scan` over blocks runs at about the speed of one flat [M, D] x [D, F] matmul for b >= 128, while
-a batched einsum over blocks with gathered weights [Q, D, F] is ~1.5-2x slower (weight copies).
+Measured on a 2-core CPU (N 8192, D 512, F 256, E 64, k 8, float32, forward + backward vs a dense
+SwiGLU with the same activated FLOPs as plain 2-D matmuls): routed part alone 1.21x (b = 256)
+single-threaded; the whole MoE layer (benchmarks/moe_layer.py) 1.25x single-threaded and 1.3-1.5x
+with 2 threads (shared machine). At N 1024 (128 rows per expert) per-block overheads and the fixed
+E * D * F costs (gate|up concatenation, zeroing and writing the weight gradients) weigh more: 2.1x
+for the layer (single-threaded); two separate gate / up matmuls per block would save the concatenation
+there (measured 2.0x) but lose at N 8192 (1.30x instead of 1.25x for the routed part).
+Dropped alternatives: a batched einsum over blocks with gathered weights [Q, D, F] was 1.5-2x slower
+than the scan (weight copies); writing block outputs to an [R, D] buffer and gathering them back
+into token order cost ~0.1 s per [M, D] pass at this size (a plain 134 MB copy takes ~0.07 s on
+this machine), more than the in-loop scatter-adds (~0.03 s).
 
 Ids outside [0, E) mean "no assignment" (contributes nothing and costs no rows): expert parallelism
 uses this for the slots of tokens routed to other shards. Second-order derivatives are not supported
@@ -45,8 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-DEFAULT_BLOCK_SIZE = 128
-_MIN_AUTO_BLOCK = 8
+MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 8, 256
 
 
 class BlockLayout(NamedTuple):
@@ -73,13 +80,17 @@ def max_blocks(num_assignments: int, num_experts: int, block_size: int) -> int:
 
 
 def auto_block_size(num_assignments: int, num_experts: int) -> int:
-    """DEFAULT_BLOCK_SIZE, shrunk (powers of two, >= 8) while it exceeds the mean rows per expert.
+    """The largest power of two <= half the mean rows per expert, clipped to [8, 256].
 
-    Padding costs up to b - 1 rows per expert; small per-expert loads want small blocks.
+    Padding costs on average b / 2 rows per non-empty expert (<= 1/4 of the mean load with this
+    rule, and <= 1/8 once the 256 cap applies), while larger blocks run more efficient matmuls and
+    fewer loop steps. Measured single-threaded (2-core CPU, D 512, F 256, E 64, routed part, fwd + bwd
+    vs the dense floor): mean load 1024 rows, b = 64 / 128 / 256 / 512: 1.35 / 1.24 / 1.21 / 1.30x;
+    mean load 128 rows, b = 16 / 32 / 64 / 128: 2.9 / 2.4 / 2.2 / 2.3x.
     """
-    mean_rows = max(1, num_assignments // max(1, num_experts))
-    b = DEFAULT_BLOCK_SIZE
-    while b > _MIN_AUTO_BLOCK and b > mean_rows:
+    mean_rows = num_assignments // max(1, num_experts)
+    b = MAX_AUTO_BLOCK
+    while b > MIN_AUTO_BLOCK and 2 * b > mean_rows:
         b //= 2
     return b
 
@@ -117,109 +128,150 @@ def _take_rows(src_XD: jax.Array, idx_I: jax.Array) -> jax.Array:
     return src_XD.at[idx_I].get(mode="fill", fill_value=0)
 
 
+def _vma(*arrays) -> frozenset:
+    """Mesh axes along which any of `arrays` varies (inside `jax.shard_map`; empty outside)."""
+    axes = frozenset()
+    for a in arrays:
+        aval = jax.typeof(a)
+        manual = getattr(aval, "manual_axis_type", None)  # jax 0.10: aval.manual_axis_type.varying
+        axes |= frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+    return axes
+
+
+def _zeros(shape, dtype, vma: frozenset) -> jax.Array:
+    """Zeros typed as varying along `vma`, so that loop carries and cond branches built from them
+    type-check against values computed from the (varying) inputs under shard_map's check_vma."""
+    z = jnp.zeros(shape, dtype)
+    return lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
+
+
+def _reduce_to_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """Cotangent of `primal`: summed over the mesh axes it varies along but `primal` does not (the
+    transpose of the implicit broadcast of an invariant input, as JAX's own VJPs do)."""
+    extra = _vma(ct) - _vma(primal)
+    return lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
 def _silu_and_grad(g):
     s = jax.nn.sigmoid(g)
     return g * s, s * (1 + g * (1 - s))
 
 
-def _blocked_swiglu_fwd_scan(x_ND, experts, layout: BlockLayout, block_size: int):
-    """Unweighted expert outputs for every row, [R, D], and the activations (g, u) [R, F] each."""
-    gate_EDF, up_EDF, down_EFD = experts
-    b, D, F = block_size, x_ND.shape[1], gate_EDF.shape[2]
+def _block_inputs(layout: BlockLayout, block_size: int, row_weight_R, *per_row):
+    """Per-block scan inputs: block index, expert, the rows' tokens and weights, then `per_row` arrays."""
     Q = layout.block_expert_Q.shape[0]
+    blocked = (a.reshape(Q, block_size, *a.shape[1:]) for a in (layout.row_token_R, row_weight_R, *per_row))
+    return (jnp.arange(Q, dtype=jnp.int32), layout.block_expert_Q, *blocked)
+
+
+def _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout: BlockLayout, block_size: int):
+    """y [N, D] (float32) = sum over rows r of weight_r * expert(x[token_r]), scatter-added per block,
+    and the saved pre-activations [g | u] of every row, [R, 2F]."""
+    gate_up_ED2F, down_EFD = fused
+    b, F2 = block_size, gate_up_ED2F.shape[2]
+    vma = _vma(x_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R)
+
+    def block(y_ND, inp):
+        q, e, token_b, weight_b = inp
+
+        def compute(y_ND):
+            x_bD = _take_rows(x_ND, token_b)
+            gu_b2F = x_bD @ gate_up_ED2F[e]
+            g_bF, u_bF = jnp.split(gu_b2F, 2, axis=1)
+            out_bD = (jax.nn.silu(g_bF) * u_bF) @ down_EFD[e]
+            y_ND = y_ND.at[token_b].add((out_bD * weight_b[:, None]).astype(y_ND.dtype), mode="drop")
+            return y_ND, gu_b2F
+
+        def skip(y_ND):
+            return y_ND, _zeros((b, F2), x_ND.dtype, vma)
+
+        return lax.cond(q < layout.num_used_blocks, compute, skip, y_ND)
+
+    y_ND, gu_Qb2F = lax.scan(block, _zeros(x_ND.shape, jnp.float32, vma), _block_inputs(layout, b, row_weight_R))
+    return y_ND, gu_Qb2F.reshape(-1, F2)
+
+
+def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, block_size: int, gu_R2F):
+    """Gradients of <y, dy>: dx [N, D], per-row routing-weight gradients [R], d gate, d up, d down, all
+    accumulated in float32.
+
+    Per block, dyW = dy @ down^T serves both the routing-weight gradient <out, dy> = <h, dyW> and
+    dh = w * dyW, so the forward's expert outputs need not be kept.
+    """
+    gate_up_ED2F, down_EFD = fused
+    b, F = block_size, down_EFD.shape[1]
+    f32 = jnp.float32
+    vma = _vma(x_ND, dy_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R, gu_R2F)
 
     def block(carry, inp):
-        q, e, token_b = inp
+        q, e, token_b, weight_b, gu_b2F = inp
 
-        def compute(_):
+        def compute(carry):
+            dx_ND, dgate_EDF, dup_EDF, ddown_EFD = carry
             x_bD = _take_rows(x_ND, token_b)
-            g_bF = x_bD @ gate_EDF[e]
-            u_bF = x_bD @ up_EDF[e]
-            out_bD = (jax.nn.silu(g_bF) * u_bF) @ down_EFD[e]
-            return out_bD, g_bF, u_bF
-
-        def skip(_):
-            return jnp.zeros((b, D), x_ND.dtype), jnp.zeros((b, F), x_ND.dtype), jnp.zeros((b, F), x_ND.dtype)
-
-        return carry, lax.cond(q < layout.num_used_blocks, compute, skip, None)
-
-    xs = (jnp.arange(Q, dtype=jnp.int32), layout.block_expert_Q, layout.row_token_R.reshape(Q, b))
-    _, (out_QbD, g_QbF, u_QbF) = lax.scan(block, None, xs)
-    return out_QbD.reshape(Q * b, D), g_QbF.reshape(Q * b, F), u_QbF.reshape(Q * b, F)
-
-
-def _blocked_swiglu_bwd_scan(x_ND, experts, layout: BlockLayout, block_size: int, g_RF, u_RF, dout_RD):
-    """Row gradients dx [R, D] and expert weight gradients (float32 accumulation) from dout [R, D]."""
-    gate_EDF, up_EDF, down_EFD = experts
-    b, D = block_size, x_ND.shape[1]
-    Q = layout.block_expert_Q.shape[0]
-    f32 = jnp.float32
-
-    def block(dW, inp):
-        q, e, token_b, g_bF, u_bF, dout_bD = inp
-
-        def compute(dW):
-            dgate_EDF, dup_EDF, ddown_EFD = dW
-            x_bD = _take_rows(x_ND, token_b)
+            dy_bD = _take_rows(dy_ND, token_b)
+            g_bF, u_bF = jnp.split(gu_b2F, 2, axis=1)
             a_bF, dsilu_bF = _silu_and_grad(g_bF)
             h_bF = a_bF * u_bF
-            dh_bF = dout_bD @ down_EFD[e].T
-            ddown_EFD = ddown_EFD.at[e].add(jnp.einsum("bF,bD->FD", h_bF, dout_bD, preferred_element_type=f32))
-            du_bF = dh_bF * a_bF
-            dg_bF = dh_bF * u_bF * dsilu_bF
-            dx_bD = dg_bF @ gate_EDF[e].T + du_bF @ up_EDF[e].T
-            dgate_EDF = dgate_EDF.at[e].add(jnp.einsum("bD,bF->DF", x_bD, dg_bF, preferred_element_type=f32))
-            dup_EDF = dup_EDF.at[e].add(jnp.einsum("bD,bF->DF", x_bD, du_bF, preferred_element_type=f32))
-            return (dgate_EDF, dup_EDF, ddown_EFD), dx_bD
+            dyW_bF = dy_bD @ down_EFD[e].T
+            dweight_b = jnp.sum((h_bF * dyW_bF).astype(f32), axis=1)
+            ddown_EFD = ddown_EFD.at[e].add(
+                jnp.einsum("bF,bD->FD", h_bF * weight_b[:, None], dy_bD, preferred_element_type=f32)
+            )
+            dh_bF = dyW_bF * weight_b[:, None]
+            dgu_b2F = jnp.concatenate([dh_bF * u_bF * dsilu_bF, dh_bF * a_bF], axis=1)
+            dgate_up_D2F = jnp.einsum("bD,bF->DF", x_bD, dgu_b2F, preferred_element_type=f32)
+            dgate_EDF = dgate_EDF.at[e].add(dgate_up_D2F[:, :F])  # separate carries: no split copy
+            dup_EDF = dup_EDF.at[e].add(dgate_up_D2F[:, F:])
+            dx_bD = dgu_b2F @ gate_up_ED2F[e].T
+            dx_ND = dx_ND.at[token_b].add(dx_bD.astype(f32), mode="drop")
+            return (dx_ND, dgate_EDF, dup_EDF, ddown_EFD), dweight_b
 
-        def skip(dW):
-            return dW, jnp.zeros((b, D), x_ND.dtype)
+        def skip(carry):
+            return carry, _zeros((b,), f32, vma)
 
-        return lax.cond(q < layout.num_used_blocks, compute, skip, dW)
+        return lax.cond(q < layout.num_used_blocks, compute, skip, carry)
 
-    dW0 = tuple(jnp.zeros(w.shape, f32) for w in experts)
-    xs = (
-        jnp.arange(Q, dtype=jnp.int32),
-        layout.block_expert_Q,
-        layout.row_token_R.reshape(Q, b),
-        g_RF.reshape(Q, b, -1),
-        u_RF.reshape(Q, b, -1),
-        dout_RD.reshape(Q, b, D),
+    E, D = down_EFD.shape[0], x_ND.shape[1]
+    carry0 = tuple(_zeros(shape, f32, vma) for shape in (x_ND.shape, (E, D, F), (E, D, F), (E, F, D)))
+    (dx_ND, dgate_EDF, dup_EDF, ddown_EFD), dweight_Qb = lax.scan(
+        block, carry0, _block_inputs(layout, b, row_weight_R, gu_R2F)
     )
-    dW, dx_QbD = lax.scan(block, dW0, xs)
-    return dx_QbD.reshape(Q * b, D), tuple(d.astype(w.dtype) for d, w in zip(dW, experts))
+    return dx_ND, dweight_Qb.reshape(-1), dgate_EDF, dup_EDF, ddown_EFD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_moe(x_ND, weights_Nk, experts, layout: BlockLayout, block_size: int):
-    return _blocked_moe_fwd(x_ND, weights_Nk, experts, layout, block_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _blocked_moe(x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout: BlockLayout, block_size: int):
+    return _blocked_moe_fwd(x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout, block_size)[0]
 
 
-def _combine(out_RD, weights_Nk, pos_M):
-    N, k = weights_Nk.shape
-    out_NkD = _take_rows(out_RD, pos_M).reshape(N, k, -1)
-    return jnp.einsum("NkD,Nk->ND", out_NkD, weights_Nk.astype(out_RD.dtype))
+def _row_weights(weights_Nk, layout: BlockLayout, dtype):
+    """Routing weight of every row's assignment [R] (0 on padding rows)."""
+    return _take_rows(weights_Nk.reshape(-1), layout.row_assign_R).astype(dtype)
 
 
-def _blocked_moe_fwd(x_ND, weights_Nk, experts, layout, block_size):
-    out_RD, g_RF, u_RF = _blocked_swiglu_fwd_scan(x_ND, experts, layout, block_size)
-    y_ND = _combine(out_RD, weights_Nk, layout.pos_M)
-    return y_ND, (x_ND, weights_Nk, experts, layout, out_RD, g_RF, u_RF)
+def _blocked_moe_fwd(x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout, block_size):
+    # gate and up side by side: one [b, D] x [D, 2F] matmul per block instead of two narrower ones.
+    fused = (jnp.concatenate([gate_EDF, up_EDF], axis=2), down_EFD)
+    row_weight_R = _row_weights(weights_Nk, layout, x_ND.dtype)
+    y_ND, gu_R2F = _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout, block_size)
+    return y_ND.astype(x_ND.dtype), (x_ND, weights_Nk, fused, layout, gu_R2F)
 
 
 def _blocked_moe_bwd(block_size, residuals, dy_ND):
-    x_ND, weights_Nk, experts, layout, out_RD, g_RF, u_RF = residuals
+    x_ND, weights_Nk, fused, layout, gu_R2F = residuals
     N, k = weights_Nk.shape
-    # d weights[n, j] = <out[pos[n, j]], dy[n]>
-    out_NkD = _take_rows(out_RD, layout.pos_M).reshape(N, k, -1)
-    dweights_Nk = jnp.einsum("NkD,ND->Nk", out_NkD, dy_ND, preferred_element_type=jnp.float32)
-    # d out[r] = weight of r's assignment * dy[r's token]  (zero on padding rows): a gather, not a scatter
-    row_weight_R = _take_rows(weights_Nk.reshape(N * k), layout.row_assign_R).astype(dy_ND.dtype)
-    dout_RD = _take_rows(dy_ND, layout.row_token_R) * row_weight_R[:, None]
-    dx_RD, dexperts = _blocked_swiglu_bwd_scan(x_ND, experts, layout, block_size, g_RF, u_RF, dout_RD)
-    # d x[n] = sum_j dx_rows[pos[n, j]]: again a gather
-    dx_ND = _take_rows(dx_RD, layout.pos_M).reshape(N, k, -1).sum(axis=1)
-    return dx_ND.astype(x_ND.dtype), dweights_Nk.astype(weights_Nk.dtype), type(experts)(*dexperts), None
+    row_weight_R = _row_weights(weights_Nk, layout, x_ND.dtype)
+    dx_ND, dweight_R, dgate_EDF, dup_EDF, ddown_EFD = _blocked_swiglu_bwd(
+        x_ND, dy_ND.astype(x_ND.dtype), row_weight_R, fused, layout, block_size, gu_R2F
+    )
+    dweights_Nk = _take_rows(dweight_R, layout.pos_M).reshape(N, k)
+    wdtype = fused[1].dtype
+    cts = (dx_ND.astype(x_ND.dtype), dweights_Nk.astype(weights_Nk.dtype), dgate_EDF.astype(wdtype),
+           dup_EDF.astype(wdtype), ddown_EFD.astype(wdtype))
+    # gate and up share their vma with the fused array they were concatenated into.
+    primals = (x_ND, weights_Nk, fused[0], fused[0], fused[1])
+    return (*(_reduce_to_vma(ct, p) for ct, p in zip(cts, primals)), None)
 
 
 _blocked_moe.defvjp(_blocked_moe_fwd, _blocked_moe_bwd)
@@ -237,5 +289,6 @@ def dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, *, block_size: int | Non
     b = auto_block_size(N * k, E) if block_size is None else int(block_size)
     if b <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    dtype = jnp.result_type(x_ND, *experts)  # one compute dtype (a no-op when they already agree)
     layout = blocked_layout(ids_Nk, E, b)
-    return _blocked_moe(x_ND, weights_Nk, experts, layout, b)
+    return _blocked_moe(x_ND.astype(dtype), weights_Nk, *(w.astype(dtype) for w in experts), layout, b)

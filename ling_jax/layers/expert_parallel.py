@@ -1,0 +1,193 @@
+"""Expert parallelism: routed experts sharded over a mesh axis, tokens exchanged with all-to-all.
+
+Axis letters (besides the glossary in ling_jax/layers/__init__.py): P expert shards (size of the
+expert mesh axis), El = E / P experts per shard, n tokens per device, C send-buffer rows per
+destination shard, kl = min(k, El) expert slots a token can use on one shard.
+
+Per device (inside `jax.shard_map`; tokens split over `token_axes`, experts over `expert_axis`):
+
+ 1. pack    for each destination shard p, the local tokens with at least one expert on p go, in token
+            order, into a fixed-size buffer [P, C, D], with their expert ids local to p ([P, C, kl], -1
+            for an unused slot) and routing weights [P, C, kl]. A token is sent to a shard once, however
+            many of its k experts live there.
+ 2. send    `lax.all_to_all(..., tiled=True)` over the expert axis: device p receives [P, C, ...], one
+            buffer from each source.
+ 3. compute the local experts on the P * C received tokens with the local dispatch (default "blocked":
+            empty slots cost no rows; `local_impl` "dense" / "ragged" work too), each token's outputs
+            already combined over its experts on this shard with the routing weights: [P * C, D].
+ 4. return  the reverse all-to-all; every token sums the partial outputs it gets back from the shards
+            it was sent to.
+
+Dropless by default: C = n, since one source can send at most all of its n tokens to one shard (e.g.
+when every token routes all its experts there). Communication per device and direction is then
+P * n * D values (fixed-size all-to-all; the buffers carry padding), the same as an all-gather of
+the tokens over the expert axis, versus at most n * min(k, P) * D useful ones (with Ling's group-
+limited routing and P = n_group, a token reaches at most topk_group shards). The local compute only
+runs the rows actually received, but its static buffers are sized for P * C * kl assignments (the
+blocked layout's [R, 2F] activations). `capacity_factor` bounds C = min(n, ceil(cf * n * k / P)) to
+shrink buffers and traffic; tokens beyond C for a destination are dropped there (their other shards
+still compute) and counted. A `lax.ragged_all_to_all` exchange would send only the useful rows; it
+is not used here because XLA:CPU, where this is tested, does not implement it.
+
+Gradients (x, routing weights, expert weights) flow through the all-to-alls (their transpose is the
+reverse all-to-all) and the local dispatch's own VJP.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from ling_jax.layers.dispatch import ExpertWeights, dispatch
+
+_NATIVE_EMPTY_SLOTS = ("blocked", "dense")  # local impls that treat an out-of-range id as "no expert"
+
+
+class ExpertParallelOutput(NamedTuple):
+    """y [N, D], and the number of (token, expert) assignments dropped for lack of capacity (int32 [],
+    summed over all devices; always 0 when capacity_factor is None)."""
+
+    y_ND: jax.Array
+    dropped: jax.Array
+
+
+def send_capacity(tokens_per_device: int, top_k: int, num_shards: int, capacity_factor: float | None) -> int:
+    """Rows C of each per-destination send buffer: n (dropless) or min(n, ceil(cf * n * k / P))."""
+    if capacity_factor is None:
+        return tokens_per_device
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+    return max(1, min(tokens_per_device, math.ceil(capacity_factor * tokens_per_device * top_k / num_shards)))
+
+
+def _pack(x_nD, ids_nk, weights_nk, *, num_shards: int, experts_per_shard: int, capacity: int):
+    """Send buffers for every destination shard (see module docstring, step 1).
+
+    Returns x [P, C, D], local ids [P, C, kl] (-1: unused), weights [P, C, kl], the token of every
+    buffer row [P, C] (n: unused row) and the number of dropped assignments.
+    """
+    n, k = ids_nk.shape
+    P, El, C = num_shards, experts_per_shard, capacity
+    kl = min(k, El)
+    dest_nk = ids_nk // El
+    hits_nkP = dest_nk[:, :, None] == jnp.arange(P, dtype=ids_nk.dtype)
+    sent_nP = hits_nkP.any(axis=1)
+    slot_nP = jnp.cumsum(sent_nP, axis=0, dtype=jnp.int32) - 1  # rank among the tokens sent to p
+    kept_nP = sent_nP & (slot_nP < C)
+    dropped = jnp.sum(hits_nkP & (sent_nP & ~kept_nP)[:, None, :], dtype=jnp.int32)
+    # Row (p, c) <- token: an int scatter of n * P entries; unkept pairs land out of range and drop.
+    token_n = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, P))
+    shard_P = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None, :], (n, P))
+    row_token_PC = (
+        jnp.full((P, C), n, jnp.int32).at[shard_P, jnp.where(kept_nP, slot_nP, C)].set(token_n, mode="drop")
+    )
+    row_valid_PC = row_token_PC < n
+    x_PCD = x_nD.at[row_token_PC].get(mode="fill", fill_value=0)
+    ids_PCk = ids_nk.at[row_token_PC].get(mode="fill", fill_value=-1)
+    weights_PCk = weights_nk.at[row_token_PC].get(mode="fill", fill_value=0)
+    local_PCk = ids_PCk - (jnp.arange(P, dtype=ids_nk.dtype) * El)[:, None, None]
+    here_PCk = row_valid_PC[:, :, None] & (local_PCk >= 0) & (local_PCk < El)
+    if kl < k:  # a token has at most El distinct experts on a shard: keep the used slots, first kl
+        order_PCk = jnp.argsort(~here_PCk, axis=-1, stable=True)[..., :kl]
+        here_PCk = jnp.take_along_axis(here_PCk, order_PCk, axis=-1)
+        local_PCk = jnp.take_along_axis(local_PCk, order_PCk, axis=-1)
+        weights_PCk = jnp.take_along_axis(weights_PCk, order_PCk, axis=-1)
+    local_PCk = jnp.where(here_PCk, local_PCk, -1).astype(jnp.int32)
+    weights_PCk = jnp.where(here_PCk, weights_PCk, jnp.zeros_like(weights_PCk))
+    return x_PCD, local_PCk, weights_PCk, row_token_PC, dropped
+
+
+def _local_dispatch(x_MD, ids_Mk, weights_Mk, experts: ExpertWeights, impl: str, block_size: int | None):
+    if impl not in _NATIVE_EMPTY_SLOTS:  # route empty slots to expert 0 with weight 0 (exact, wasteful)
+        empty_Mk = ids_Mk < 0
+        ids_Mk = jnp.where(empty_Mk, 0, ids_Mk)
+        weights_Mk = jnp.where(empty_Mk, jnp.zeros_like(weights_Mk), weights_Mk)
+    return dispatch(x_MD, ids_Mk, weights_Mk, experts, impl=impl, block_size=block_size)
+
+
+def expert_parallel_dispatch_with_stats(
+    x_ND: jax.Array,
+    ids_Nk: jax.Array,
+    weights_Nk: jax.Array,
+    experts: ExpertWeights,
+    *,
+    mesh: Mesh,
+    expert_axis: str = "expert",
+    token_axes: Sequence[str] = ("data", "fsdp", "expert"),
+    local_impl: str = "blocked",
+    block_size: int | None = None,
+    capacity_factor: float | None = None,
+) -> ExpertParallelOutput:
+    """Routed-expert output y [N, D] with experts sharded over `expert_axis` of `mesh`, plus the count
+    of dropped assignments (see module docstring). Call under `jax.jit`; inputs are global arrays.
+
+    Token arrays are split over the axes of `token_axes` present in `mesh` (dimension 0; they must
+    include `expert_axis`), the three expert weight arrays over `expert_axis` (dimension 0); mesh axes
+    in neither are replicated (expert weights sharded elsewhere, e.g. over fsdp, are gathered by
+    shard_map at entry). ids must lie in [0, E).
+    """
+    if expert_axis not in mesh.axis_names:
+        raise ValueError(f"expert_axis {expert_axis!r} is not an axis of the mesh {mesh.axis_names}")
+    tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
+    if expert_axis not in tok_axes:
+        raise ValueError(f"tokens must be split over the expert axis {expert_axis!r} too (token_axes {token_axes})")
+    N, k = ids_Nk.shape
+    E = experts.gate_EDF.shape[0]
+    P = mesh.shape[expert_axis]
+    token_shards = math.prod(mesh.shape[a] for a in tok_axes)
+    if E % P:
+        raise ValueError(f"{E} experts do not split evenly over expert axis {expert_axis!r} of size {P}")
+    if N % token_shards:
+        raise ValueError(f"{N} tokens do not split evenly over token axes {tok_axes} ({token_shards} shards)")
+    n, El = N // token_shards, E // P
+    C = send_capacity(n, k, P, capacity_factor)
+
+    def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
+        x_PCD, ids_PCk, w_PCk, row_token_PC, dropped = _pack(
+            x_nD, ids_nk, weights_nk, num_shards=P, experts_per_shard=El, capacity=C
+        )
+        exchange = lambda a: lax.all_to_all(a, expert_axis, 0, 0, tiled=True)  # noqa: E731
+        x_PCD, ids_PCk, w_PCk = exchange(x_PCD), exchange(ids_PCk), exchange(w_PCk)
+        kl = ids_PCk.shape[-1]
+        y_MD = _local_dispatch(
+            x_PCD.reshape(P * C, -1), ids_PCk.reshape(P * C, kl), w_PCk.reshape(P * C, kl),
+            ExpertWeights(gate_EDF, up_EDF, down_EFD), local_impl, block_size,
+        )
+        y_PCD = exchange(y_MD.reshape(P, C, -1))
+        y_nD = jnp.zeros_like(x_nD).at[row_token_PC].add(y_PCD.astype(x_nD.dtype), mode="drop")
+        return y_nD, lax.psum(dropped, tok_axes)
+
+    token_spec = PartitionSpec(tok_axes, None)
+    expert_spec = PartitionSpec(expert_axis, None, None)
+    y_ND, dropped = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec, expert_spec, expert_spec, expert_spec),
+        out_specs=(token_spec, PartitionSpec()),
+    )(x_ND, ids_Nk, weights_Nk, *experts)
+    return ExpertParallelOutput(y_ND, dropped)
+
+
+def expert_parallel_dispatch(
+    x_ND: jax.Array,
+    ids_Nk: jax.Array,
+    weights_Nk: jax.Array,
+    experts: ExpertWeights,
+    *,
+    mesh: Mesh,
+    expert_axis: str = "expert",
+    token_axes: Sequence[str] = ("data", "fsdp", "expert"),
+    local_impl: str = "blocked",
+    block_size: int | None = None,
+) -> jax.Array:
+    """Dropless expert-parallel y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), [N, D]; equal to
+    `dispatch(..., impl="dense")` on one device. See `expert_parallel_dispatch_with_stats`."""
+    return expert_parallel_dispatch_with_stats(
+        x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=token_axes,
+        local_impl=local_impl, block_size=block_size,
+    ).y_ND
