@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_moe_out")
-MOE_DISPATCHES = ("dense", "ragged", "blocked")
+MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked")  # auto: ling_jax.layers.dispatch.default_dispatch
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_MODES = ("off", "xla", "pallas")  # FP8 projections: off, the XLA reference path, the Pallas kernel
 
@@ -90,7 +90,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    moe_dispatch: str = "dense"
+    moe_dispatch: str = "auto"  # per platform: "blocked" on CPU, "ragged" (grouped GEMM) on TPU/GPU
     fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/layers/fp8.py)
 
     def __post_init__(self):

@@ -25,8 +25,9 @@ class Einsum(nn.Module):
 
     The kernel is created with `shape` and logical `axes`; matmuls run in `dtype`. With `fp8`
     set ("xla" or "pallas"), the projection runs as a blockwise-scaled FP8 matmul (forward and
-    backward) and sows quantization statistics of its input and kernel into "fp8_stats"; the
-    equation must then contract x's last `contract` axes with the kernel's first ones.
+    backward) and sows quantization statistics of its input and kernel into "fp8_stats". The
+    equation must contract x's last `contract` axes with the kernel's first ones (checked); it is
+    computed as one 2-D matmul.
     """
 
     shape: tuple[int, ...]
@@ -42,9 +43,11 @@ class Einsum(nn.Module):
         kernel = param_with_axes(
             self, "kernel", nn.initializers.normal(self.init_std), self.shape, self.axes, self.param_dtype
         )
-        if self.fp8 is None:
-            return jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
         check_projection_equation(equation, x.ndim, kernel.ndim, self.contract)
+        if self.fp8 is None:  # as one 2-D matmul: XLA:CPU runs 3-D einsums ~1.5x slower (fwd + bwd)
+            k = math.prod(kernel.shape[: self.contract])
+            y_MN = jnp.dot(x.astype(self.dtype).reshape(-1, k), kernel.astype(self.dtype).reshape(k, -1))
+            return y_MN.reshape(*x.shape[: x.ndim - self.contract], *kernel.shape[self.contract:])
         x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - self.contract:]))
         for name, value in quantization_stats(x_MK, blocks=False).items():
             self.sow(FP8_STATS, f"input_{name}", value)

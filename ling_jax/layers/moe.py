@@ -11,7 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.basic import param_with_axes
-from ling_jax.layers.dispatch import ExpertWeights, dispatch
+from ling_jax.layers.dispatch import ExpertWeights, default_dispatch, dispatch
 from ling_jax.layers.mlp import MLP
 from ling_jax.layers.routing import expert_counts, route
 
@@ -60,7 +60,8 @@ class MoE(nn.Module):
             routed_scaling_factor=cfg.routed_scaling_factor,
         )
         experts = ExpertWeights(*(w.astype(dtype) for w in experts))
-        y_ND = dispatch(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=cfg.moe_dispatch)
+        impl = default_dispatch(jax.default_backend()) if cfg.moe_dispatch == "auto" else cfg.moe_dispatch
+        y_ND = dispatch(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl)
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:
             y_BTD = y_BTD + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x_BTD)
