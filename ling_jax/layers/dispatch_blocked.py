@@ -291,4 +291,7 @@ def dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, *, block_size: int | Non
         raise ValueError(f"block_size must be positive, got {block_size}")
     dtype = jnp.result_type(x_ND, *experts)  # one compute dtype (a no-op when they already agree)
     layout = blocked_layout(ids_Nk, E, b)
-    return _blocked_moe(x_ND.astype(dtype), weights_Nk, *(w.astype(dtype) for w in experts), layout, b)
+    # jnp.asarray: numpy weights (e.g. from hf.load_checkpoint) must become jax arrays, since the block
+    # loop indexes them with a traced expert id.
+    return _blocked_moe(jnp.asarray(x_ND, dtype), jnp.asarray(weights_Nk), *(jnp.asarray(w, dtype) for w in experts),
+                        layout, b)
