@@ -40,15 +40,21 @@ def main(argv: list[str] | None = None) -> None:
     configure_platform()
     from absl import app, flags, logging
 
-    module = importlib.import_module(f"ling_jax.commands.{argv[1]}")
+    # ml_collections' config flag reads its --config.* overrides from sys.argv, and already applies
+    # them when the command module defines the flag (at import): both must see this argv.
+    sys.argv = argv
+    try:
+        module = importlib.import_module(f"ling_jax.commands.{argv[1]}")
+    except (AttributeError, KeyError) as e:
+        _fail_unknown_config_field(argv, e)
     command_argv = [f"ling-jax {argv[1]}"] + argv[2:]
 
     def parse(command_argv):  # a bad flag or config key is one clear line, not a traceback
         try:
             return flags.FLAGS(command_argv)
-        except AttributeError as e:
-            _fail(argv[1], f"no such config field {e}")
-        except (flags.Error, KeyError, ValueError, TypeError) as e:
+        except (AttributeError, KeyError) as e:
+            _fail_unknown_config_field(argv, e, otherwise=f"bad flag: {e}")
+        except (flags.Error, ValueError, TypeError) as e:
             _fail(argv[1], f"bad flag: {e}")
 
     def run(command_argv):
@@ -60,6 +66,19 @@ def main(argv: list[str] | None = None) -> None:
             _fail(argv[1], f"config error: {e}")
 
     app.run(run, argv=command_argv, flags_parser=parse)
+
+
+def _fail_unknown_config_field(argv: list[str], error: Exception, otherwise: str | None = None) -> None:
+    """Exit 2 naming the --config.* override(s) whose field does not exist. If no override mentions
+    the missing key (it is no config typo): exit 2 with `otherwise`, or re-raise `error` without it."""
+    key = str(error).strip("\"'")
+    culprits = [a.split("=", 1)[0].lstrip("-") for a in argv[2:]
+                if a.startswith(("--config.", "-config.")) and key in a.split("=", 1)[0].split(".")]
+    if not culprits:
+        if otherwise is None:
+            raise error
+        _fail(argv[1], otherwise)
+    _fail(argv[1], f"no such config field: {', '.join(culprits)} (unknown key {key!r})")
 
 
 def _fail(command: str, message: str) -> None:

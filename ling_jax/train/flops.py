@@ -15,10 +15,10 @@ from ling_jax.scaling import training_flops_per_token
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 x every activated matmul parameter (layers,
-    MTP layers and the lm_head; the embedding lookup is no matmul) + the attention score/value term
-    12 x layers x (heads x head_dim) x seq_len."""
+    MTP layers and the lm_head, which the main stack and every MTP layer apply; the embedding lookup
+    is no matmul) + the attention score/value term 12 x layers x (heads x head_dim) x seq_len."""
     counts = count_params(cfg)
-    lm_head = cfg.hidden_size * cfg.vocab_size
+    lm_head = cfg.hidden_size * cfg.vocab_size * (1 + cfg.num_mtp_layers)
     matmul_params = counts.activated_non_embedding + counts.mtp_activated + lm_head
     return training_flops_per_token(
         activated_params_non_embedding=matmul_params,

@@ -157,7 +157,9 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
                     f"{checkpointer.directory} is intact."
                 )
             last = step == exp.train.steps
-            if step % exp.train.log_every == 0 or last:
+            # Eval steps are logged too (else only multiples of both log_every and eval_every would be).
+            eval_now = bool(exp.train.eval_every) and step % exp.train.eval_every == 0
+            if step % exp.train.log_every == 0 or last or eval_now:
                 m = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / elapsed
@@ -180,7 +182,7 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
                     record[f"load_max_over_mean/layer_{i}"] = float(mx)
                     record[f"load_cv/layer_{i}"] = float(cv)
                 record.update(fp8_records(m.get("fp8_stats")))
-                if exp.train.eval_every and step % exp.train.eval_every == 0 and data.heldout is not None:
+                if eval_now and data.heldout is not None:
                     record["heldout_loss"] = evaluate(exp, state.params, state.expert_bias, data.heldout, eval_step,
                                                       batch_sharding, exp.train.eval_batches)
                 log.write(record)

@@ -28,8 +28,17 @@ class TrainState:
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only (not on norm scales or biases)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Weight decay on weight matrices only, not on norm scales (`scale`) or biases (`*bias`).
+
+    Decided by the parameter's name, not its rank: a scanned stack adds a leading layer axis (a
+    stack's norm scale is [L, D]), and q/k/v biases are [heads, head_dim].
+    """
+
+    def decay(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return not (name == "scale" or name.endswith("bias"))
+
+    return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:

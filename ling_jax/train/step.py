@@ -49,6 +49,14 @@ def _forward_loss(params, expert_bias, batch: Batch, model_cfg: ModelConfig, z_l
     return loss, (metrics, out.router, out.mtp_router)
 
 
+def _optimizer_count(opt_state, default: jax.Array) -> jax.Array:
+    """The step count the optimizer's LR schedule reads. It does not advance on skipped non-finite
+    steps (their whole update, opt_state included, is dropped), so it can lag `TrainState.step`."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    return counts[0] if counts else default
+
+
 def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
                optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Any]]:
     grad_fn = jax.value_and_grad(_forward_loss, has_aux=True)
@@ -80,7 +88,8 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train
     metrics = dict(metrics)
     metrics.update(
         grad_norm=grad_norm,
-        learning_rate=wsm_schedule(train_cfg.learning_rate, train_cfg.warmup_steps)(state.step),
+        learning_rate=wsm_schedule(train_cfg.learning_rate, train_cfg.warmup_steps)(
+            _optimizer_count(state.opt_state, state.step)),
         finite=finite,
         expert_counts=counts_main,
         **load_metrics(counts_main if counts_main.shape[0] else jnp.ones((1, model_cfg.num_experts))),
