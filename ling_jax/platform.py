@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 
 def configure_platform() -> str:
@@ -19,4 +20,6 @@ def configure_platform() -> str:
     else:
         value = "cpu"
     os.environ["JAX_PLATFORMS"] = value
+    if "jax" in sys.modules:  # jax reads JAX_PLATFORMS when it is imported; tell it directly
+        sys.modules["jax"].config.update("jax_platforms", value)
     return value

@@ -135,5 +135,5 @@ def test_bias_update_balances_expert_load():
 
 @pytest.mark.slow
 def test_bias_update_balances_expert_load_default_rate():
-    """The default u = 1e-3 needs a few hundred steps to undo the early routing collapse."""
+    """The spec's u = 1e-3 (Ling 2.0's rate) needs a few hundred steps to undo the early routing collapse."""
     _check_balance(_balance_runs(1e-3, steps=300), 1e-3, last=25, margin=0.5)

@@ -38,7 +38,11 @@ def build_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = Non
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape({k: sizes[k] for k in MESH_AXES}, len(devices))
     if len(devices) > 1 and all(d.platform != "cpu" for d in devices):
-        device_array = jax.experimental.mesh_utils.create_device_mesh(tuple(shape.values()), devices)
+        # allow_split_physical_axes: a logical axis (e.g. model=8 on a 16x16x16 slice) need not be a
+        # product of whole physical axes; without it create_device_mesh raises NotImplementedError.
+        device_array = jax.experimental.mesh_utils.create_device_mesh(
+            tuple(shape.values()), devices, allow_split_physical_axes=True
+        )
     else:
         device_array = np.asarray(devices, dtype=object).reshape(tuple(shape.values()))
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
