@@ -16,9 +16,8 @@ order, no overlap, used only to order candidates):
   with experts and tokens split on the same axis GSPMD all-gathers each MoE layer's tokens over
   it: forward, backward recompute and the reduce-scatter of their gradient,
   3 x N x D x (expert - 1) per MoE layer. (An all-to-all expert-parallel dispatch would move
-  about 4 x N x k x D x (expert - 1) / expert instead.) Measured on Ling-1T with dense dispatch,
-  expert = 128 / 256 needed 306 / 341 GiB per device where the analytic plan says 101 / 136:
-  treat expert > 1 plans as optimistic; the compiled check decides.
+  about 4 x N x k x D x (expert - 1) / expert instead.) The memory side of expert > 1 is in
+  ling_jax/plan/activations.py: measured on Ling-1T, such meshes needed 288-341 GiB per device.
 """
 
 from __future__ import annotations
