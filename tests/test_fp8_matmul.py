@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from pallas_kernels import common as pallas_common
 from pallas_kernels.fp8_matmul import (FP8_E4M3_MAX, Fp8MatmulConfig, blockwise_fp8_matmul,
                                        quantize_blocks, quantize_tiles)
 from pallas_kernels.fp8_matmul import kernel as fp8_kernel
@@ -209,7 +210,7 @@ def test_small_blocks_and_fp8_mxu_operands():
 # ---------- fallback and validation ----------
 
 def test_unsupported_backend_falls_back_with_one_warning(monkeypatch):
-  monkeypatch.setattr(fp8_ops, "_warned_reasons", set())
+  monkeypatch.setattr(pallas_common, "_warned", set())
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   x, w, _ = make_inputs("gaussian", 64, 256, 128)
   with pytest.warns(RuntimeWarning, match="falling back"):

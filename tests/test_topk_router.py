@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import common as pallas_common
 from pallas_kernels.topk_router import RouterKernelConfig, sigmoid_topk_route
 from pallas_kernels.topk_router import ops as router_ops
 
@@ -162,7 +163,7 @@ def test_bfloat16_logits_and_small_blocks_under_jit():
 
 
 def test_unsupported_backend_falls_back_with_one_warning(monkeypatch):
-  monkeypatch.setattr(router_ops, "_warned_reasons", set())
+  monkeypatch.setattr(pallas_common, "_warned", set())
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   case = (16, 32, 4, 4, 2)
   logits, bias = make_logits("random", 16, 32, 4)

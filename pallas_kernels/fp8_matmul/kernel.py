@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import common
 from pallas_kernels.fp8_matmul.config import (QUANT_BLOCK, TPU_FP8_SUBLANES, TPU_LANES,
                                               TPU_SMEM_SCALE_TABLE_MAX_BYTES,
                                               TPU_VMEM_SCALE_BLOCKS_MAX_BYTES, Fp8MatmulConfig)
@@ -34,15 +35,7 @@ from pallas_kernels.fp8_matmul.reference import check_gemm_operands
 
 def resolve_interpret(config: Fp8MatmulConfig) -> bool:
   """Interpret on CPU, compile on TPU; other backends have no path (NotImplementedError)."""
-  if config.interpret is not None:
-    return config.interpret
-  backend = jax.default_backend()
-  if backend == "cpu":
-    return True
-  if backend == "tpu":
-    return False
-  raise NotImplementedError(f"the Pallas FP8 matmul has a TPU (Mosaic) path only; "
-                            f"backend {backend!r} is not supported")
+  return common.resolve_interpret(config.interpret, "FP8 matmul")
 
 
 def check_supported(k_blocks: int, n_cols: int, b_block_scales: bool, bm: int, bn: int

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
 from pallas_kernels.fp8_matmul import kernel, reference
 from pallas_kernels.fp8_matmul.config import Fp8MatmulConfig
 
@@ -23,14 +23,8 @@ IMPLS = ("xla", "pallas")
 INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 OUT_DTYPES = (jnp.float32, jnp.bfloat16)
 
-_warned_reasons: set[str] = set()
-
-
 def _warn_once(reason: str) -> None:
-  if reason not in _warned_reasons:
-    _warned_reasons.add(reason)
-    warnings.warn(f"blockwise_fp8_matmul: Pallas kernel unavailable ({reason}); "
-                  "falling back to the XLA reference", RuntimeWarning, stacklevel=3)
+  common.warn_fallback_once("blockwise_fp8_matmul", reason)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import common
 from pallas_kernels.topk_router.config import (TPU_SUBLANES, RouterKernelConfig,
                                                RoutingParams)
 from pallas_kernels.topk_router.reference import normalize_and_scale, score_grad
@@ -25,15 +26,7 @@ from pallas_kernels.topk_router.reference import normalize_and_scale, score_grad
 
 def resolve_interpret(config: RouterKernelConfig) -> bool:
   """Interpret on CPU, compile on TPU; other backends have no path (NotImplementedError)."""
-  if config.interpret is not None:
-    return config.interpret
-  backend = jax.default_backend()
-  if backend == "cpu":
-    return True
-  if backend == "tpu":
-    return False
-  raise NotImplementedError(f"the Pallas router has a TPU (Mosaic) path only; "
-                            f"backend {backend!r} is not supported")
+  return common.resolve_interpret(config.interpret, "router")
 
 
 def _argmax_first(values, cols, n_cols: int):

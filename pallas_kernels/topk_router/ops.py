@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
 from pallas_kernels.topk_router import kernel, reference
 from pallas_kernels.topk_router.config import RouterKernelConfig, RoutingParams
 
 IMPLS = ("xla", "pallas")
 LOGIT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-_warned_reasons: set[str] = set()
-
-
 def _warn_once(reason: str) -> None:
-  if reason not in _warned_reasons:
-    _warned_reasons.add(reason)
-    warnings.warn(f"sigmoid_topk_route: Pallas kernel unavailable ({reason}); "
-                  "falling back to the XLA reference", RuntimeWarning, stacklevel=3)
+  common.warn_fallback_once("sigmoid_topk_route", reason)
 
 
 @dataclasses.dataclass(frozen=True)
