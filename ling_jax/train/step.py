@@ -63,7 +63,7 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train
     (loss, (metrics, router, mtp_router)), grads = grad_fn(
         state.params, state.expert_bias, batch, model_cfg, train_cfg.z_loss_weight
     )
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
