@@ -35,7 +35,8 @@ def _decay_mask(params):
     """
 
     def decay(path, _):
-        name = str(getattr(path[-1], "key", path[-1]))
+        # The last dict key names the parameter (a logical-axis box adds a trailing `.value`).
+        name = next(str(p.key) for p in reversed(path) if hasattr(p, "key"))
         return not (name == "scale" or name.endswith("bias"))
 
     return jax.tree_util.tree_map_with_path(decay, params)
