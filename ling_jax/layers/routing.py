@@ -10,20 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def group_limited_topk(biased_NE: jax.Array, *, top_k: int, n_group: int, topk_group: int) -> jax.Array:
-    """Expert ids [N, k] (descending biased score) chosen inside the topk_group best groups.
-
-    A group's score is the sum of its two best biased scores; the other groups are masked out.
-    """
-    N, E = biased_NE.shape
-    grouped_NGe = biased_NE.reshape(N, n_group, E // n_group)
-    group_scores_NG = jax.lax.top_k(grouped_NGe, 2)[0].sum(axis=-1)
-    _, kept_groups_Ng = jax.lax.top_k(group_scores_NG, topk_group)
-    group_mask_NG = jnp.zeros((N, n_group), bool).at[jnp.arange(N)[:, None], kept_groups_Ng].set(True)
-    expert_mask_NE = jnp.repeat(group_mask_NG, E // n_group, axis=1)
-    masked_NE = jnp.where(expert_mask_NE, biased_NE, -jnp.inf)
-    return jax.lax.top_k(masked_NE, top_k)[1].astype(jnp.int32)
+from pallas_kernels.topk_router import sigmoid_topk_route
 
 
 def route(
@@ -35,14 +22,12 @@ def route(
     topk_group: int,
     routed_scaling_factor: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """(expert_ids [N, k] int32, weights [N, k] float32) for router logits [N, E]."""
-    scores_NE = jax.nn.sigmoid(logits_NE.astype(jnp.float32))
-    biased_NE = jax.lax.stop_gradient(scores_NE) + expert_bias_E.astype(jnp.float32)
-    ids_Nk = group_limited_topk(biased_NE, top_k=top_k, n_group=n_group, topk_group=topk_group)
-    chosen_Nk = jnp.take_along_axis(scores_NE, ids_Nk, axis=-1)
-    if top_k > 1:
-        chosen_Nk = chosen_Nk / (chosen_Nk.sum(axis=-1, keepdims=True) + 1e-20)
-    return ids_Nk, chosen_Nk * routed_scaling_factor
+    """(expert_ids [N, k] int32, weights [N, k] float32) for router logits [N, E]: the XLA path of
+    the router op (pallas_kernels/topk_router), whose VJP reaches the logits through the weights."""
+    return sigmoid_topk_route(
+        logits_NE, expert_bias_E, top_k=top_k, n_group=n_group, topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor, impl="xla",
+    )
 
 
 def expert_counts(ids_Nk: jax.Array, num_experts: int, token_mask_N: jax.Array | None = None) -> jax.Array:
