@@ -2,11 +2,15 @@
 
   python benchmarks/fp8_matmul.py                      # sizes 1024 2048 (< 3 min on 2 CPUs)
   python benchmarks/fp8_matmul.py --sizes 4096 8192    # the sizes that matter on accelerators
+  python benchmarks/fp8_matmul.py --sizes 8192 --impls pallas,xla --gpu-configs 128x128w4s3 128x256w8s3
 
-Square problems [S, S] @ [S, S] in bfloat16. Each figure is the median wall time of --repeats
+Square problems [S, S] @ [S, S] in bfloat16. `fp8_gemm_only_ms` times the scaled FP8 GEMM on
+operands quantized beforehand (the op without its quantization passes). Each figure is the median wall time of --repeats
 runs after --warmup runs of a jitted function (compile excluded). On TPU/GPU the FP8 op uses
-impl="pallas" (when the Pallas kernel is unavailable there, e.g. on GPU, the op falls back to
-the XLA reference and the table says so). On CPU the FP8 op is timed with impl="xla": XLA:CPU
+impl="pallas" by default (the Mosaic kernel on TPU, the Triton kernel on GPU; a fallback to the
+XLA reference shows in the table); --impls adds others, --gpu-configs sweeps the GPU tile
+(BMxBNwWARPSsSTAGES). Every row also gives the largest row-relative difference of the FP8 op's
+forward from the XLA reference's on the same inputs (`max_rel_vs_xla`: a correctness check). On CPU the FP8 op is timed with impl="xla": XLA:CPU
 has no FP8 matrix unit, so those are reference-implementation numbers, not kernel speed; the
 Pallas kernel runs only in interpret mode on CPU and is timed at one small size, for
 completeness. The last line printed is one JSON object with all the figures.
@@ -23,7 +27,9 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_matmul import blockwise_fp8_matmul
+from pallas_kernels.fp8_matmul import (Fp8MatmulConfig, blockwise_fp8_matmul, quantize_blocks,
+                                       quantize_tiles)
+from pallas_kernels.fp8_matmul import ops as fp8_ops
 
 DEFAULT_SIZES = (1024, 2048)
 PALLAS_INTERPRET_SIZE = 256
@@ -41,13 +47,22 @@ def median_ms(fn, *args, warmup: int, repeats: int) -> float:
   return statistics.median(times)
 
 
-def make_fns(impl: str):
+def parse_gpu_config(text: str) -> Fp8MatmulConfig:
+  """'128x256w8s3' -> Fp8MatmulConfig(gpu_block_m=128, gpu_block_n=256, gpu_num_warps=8, ...)."""
+  tile, rest = text.split("w")
+  warps, stages = rest.split("s")
+  bm, bn = tile.split("x")
+  return Fp8MatmulConfig(gpu_block_m=int(bm), gpu_block_n=int(bn), gpu_num_warps=int(warps),
+                         gpu_num_stages=int(stages))
+
+
+def make_fns(impl: str, config: Fp8MatmulConfig | None = None):
   """Jitted fns of (x, w, dy): bf16/fp8 forward, and forward + backward (vjp with dy)."""
   def bf16_mm(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.bfloat16)
 
   def fp8_mm(x, w):
-    return blockwise_fp8_matmul(x, w, impl=impl, out_dtype=jnp.bfloat16)
+    return blockwise_fp8_matmul(x, w, impl=impl, out_dtype=jnp.bfloat16, config=config)
 
   def fwd(mm):
     return jax.jit(lambda x, w, dy: mm(x, w))
@@ -59,20 +74,39 @@ def make_fns(impl: str):
           "bf16_fwd_bwd": fwd_bwd(bf16_mm), "fp8_fwd_bwd": fwd_bwd(fp8_mm)}
 
 
-def bench_size(size: int, impl: str, warmup: int, repeats: int) -> dict:
+def max_row_relative(actual, expected) -> float:
+  actual, expected = actual.astype(jnp.float32), expected.astype(jnp.float32)
+  row_scale = jnp.max(jnp.abs(expected), axis=1, keepdims=True) + 1e-30
+  return float(jnp.max(jnp.abs(actual - expected) / row_scale))
+
+
+def bench_size(size: int, impl: str, warmup: int, repeats: int, gpu_config: str | None = None
+               ) -> dict:
   kx, kw, ky = jax.random.split(jax.random.key(size), 3)
   x = jax.random.normal(kx, (size, size), jnp.bfloat16)
   w = (jax.random.normal(kw, (size, size), jnp.float32) / size ** 0.5).astype(jnp.bfloat16)
   dy = jax.random.normal(ky, (size, size), jnp.bfloat16)
-  fns = make_fns(impl)
+  fns = make_fns(impl, parse_gpu_config(gpu_config) if gpu_config else None)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", RuntimeWarning)
     jax.block_until_ready(fns["fp8_fwd_bwd"](x, w, dy))  # trace: a fallback warns here
   fell_back = any("falling back" in str(c.message) for c in caught)
-  row = {"size": size, "fp8_impl": impl + (" (fell back to xla)" if fell_back else "")}
+  row = {"size": size, "fp8_impl": impl + (" (fell back to xla)" if fell_back else "")
+         + (f" {gpu_config}" if gpu_config else "")}
+  if impl != "xla":
+    reference = make_fns("xla")["fp8_fwd"](x, w, dy)
+    row["max_rel_vs_xla"] = max_row_relative(fns["fp8_fwd"](x, w, dy), reference)
   for name, fn in fns.items():
     row[name + "_ms"] = round(median_ms(fn, x, w, dy, warmup=warmup, repeats=repeats), 3)
   flops = 2.0 * size ** 3
+  # The scaled GEMM alone, on operands quantized beforehand (the op's time minus quantization).
+  static = fp8_ops._Static(impl=impl, out_dtype=jnp.dtype(jnp.bfloat16),
+                           config=parse_gpu_config(gpu_config) if gpu_config else Fp8MatmulConfig())
+  gemm = jax.jit(lambda a_q, a_s, b_q, b_s: fp8_ops._gemm(static)(
+      a_q, a_s, b_q, b_s, b_block_scales=True, out_dtype=jnp.bfloat16))
+  operands = (*quantize_tiles(x), *quantize_blocks(w))
+  row["fp8_gemm_only_ms"] = round(median_ms(gemm, *operands, warmup=warmup, repeats=repeats), 3)
+  row["ratio_gemm_only_fp8_over_bf16"] = round(row["fp8_gemm_only_ms"] / row["bf16_fwd_ms"], 3)
   row["bf16_fwd_gflops"] = round(flops / row["bf16_fwd_ms"] / 1e6, 1)
   row["fp8_fwd_gflops"] = round(flops / row["fp8_fwd_ms"] / 1e6, 1)
   row["ratio_fwd_fp8_over_bf16"] = round(row["fp8_fwd_ms"] / row["bf16_fwd_ms"], 3)
@@ -95,20 +129,30 @@ def main() -> None:
   parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--impls", default=None,
+                      help="comma-separated FP8 impls (default: xla on CPU, pallas elsewhere)")
+  parser.add_argument("--gpu-configs", nargs="*", default=[],
+                      help="GPU kernel tiles to sweep with impl=pallas, e.g. 128x128w4s3")
   args = parser.parse_args()
 
   backend = jax.default_backend()
   on_cpu = backend == "cpu"
-  impl = "xla" if on_cpu else "pallas"
+  impls = args.impls.split(",") if args.impls else ["xla" if on_cpu else "pallas"]
   print(f"backend: {backend} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
   if on_cpu:
     print("NOTE: CPU run. FP8 figures are the XLA:CPU reference implementation (impl='xla'), "
           "not kernel speed; XLA:CPU has no FP8 matrix unit.")
-  rows = [bench_size(size, impl, args.warmup, args.repeats) for size in args.sizes]
+  rows = []
+  for size in args.sizes:
+    for impl in impls:
+      configs = args.gpu_configs if (impl == "pallas" and backend == "gpu" and args.gpu_configs) else [None]
+      for gpu_config in configs:
+        rows.append(bench_size(size, impl, args.warmup, args.repeats, gpu_config))
+        print_table(rows[-1:])
   print_table(rows)
 
   result = {"backend": backend, "device_kind": jax.devices()[0].device_kind,
-            "fp8_impl": impl, "results": rows}
+            "fp8_impls": impls, "results": rows}
   if on_cpu:
     pallas_row = bench_size(PALLAS_INTERPRET_SIZE, "pallas", args.warmup, max(1, args.repeats // 2))
     print(f"Pallas kernel in interpret mode (CPU emulation, meaningless as speed), "

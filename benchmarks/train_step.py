@@ -5,14 +5,17 @@ Shapes:
          4 groups keep 2, expert width 64, 1 shared, dense width 384, vocab 258, MTP 1; batch 16 x 128.
   bench  4 layers (1 dense + 3 MoE), hidden 256, 8/2 heads x 32, 32 experts top-4 in 4 groups keep 2,
          expert width 128, 1 shared, dense width 512, vocab 512, MTP 1 layer; batch 8 x 256.
-Both float32 (params and activations). Batches are random tokens (a few distinct ones, cycled), packed
+  h200   4 layers (1 dense + 3 MoE), hidden 2048, 16/4 heads x 128, 64 experts top-8 in 8 groups keep 4,
+         expert width 512, 1 shared, dense width 5632, vocab 32768, MTP 1; batch 8 x 2048 (16K tokens):
+         a shape that fills one H200; run it with --dtype bfloat16 --peak-size 8192.
+Parameters are float32; activations --dtype (default float32). Batches are random tokens (a few distinct ones, cycled), packed
 as single full-length documents; the state is initialised with `create_sharded_state` on a mesh over
 all devices (data=-1), exactly as `ling-jax train` does.
 
 Timing: the first `--warmup` steps (compilation included) are untimed; then the median of `--steps`
 individually timed steps (each waits for its loss). MFU = model FLOPs per token
 (`ling_jax.train.flops.model_flops_per_token`: 6 x activated matmul params + attention) x tokens/s /
-(matmul peak x devices), the peak measured in the same run with `measure_matmul_peak` (f32, 2048^3),
+(matmul peak x devices), the peak measured in the same run with `measure_matmul_peak` (--dtype, --peak-size),
 before and after the steps (the higher of the two is used).
 
     JAX_PLATFORMS=cpu python benchmarks/train_step.py                         # both shapes
@@ -60,13 +63,20 @@ SHAPES = {
                    mtp_loss_weight=0.1, max_position_embeddings=1024, init_std=0.02),
         batch_size=8, seq_len=256,
     ),
+    "h200": dict(
+        model=dict(vocab_size=32768, hidden_size=2048, num_layers=4, num_heads=16, num_kv_heads=4, head_dim=128,
+                   intermediate_size=5632, num_experts=64, num_experts_per_tok=8, n_group=8, topk_group=4,
+                   num_shared_experts=1, moe_intermediate_size=512, first_k_dense_replace=1, num_mtp_layers=1,
+                   mtp_loss_weight=0.1, max_position_embeddings=4096, init_std=0.02),
+        batch_size=8, seq_len=2048,
+    ),
 }
 
 
-def experiment(shape: str, moe_dispatch: str | None, remat: str) -> Experiment:
+def experiment(shape: str, moe_dispatch: str | None, remat: str, dtype: str = "float32") -> Experiment:
     spec = SHAPES[shape]
     config = base_config()
-    config.model.update(spec["model"], dtype="float32", param_dtype="float32", remat_policy=remat)
+    config.model.update(spec["model"], dtype=dtype, param_dtype="float32", remat_policy=remat)
     if moe_dispatch:
         config.model.moe_dispatch = moe_dispatch
     config.train.update(batch_size=spec["batch_size"], seq_len=spec["seq_len"], warmup_steps=10)
@@ -87,8 +97,9 @@ def random_batches(exp: Experiment, count: int, seed: int = 0) -> list[dict[str,
     return batches
 
 
-def bench(shape: str, moe_dispatch: str | None, remat: str, steps: int, warmup: int, peak: float) -> dict:
-    exp = experiment(shape, moe_dispatch, remat)
+def bench(shape: str, moe_dispatch: str | None, remat: str, steps: int, warmup: int, peak: float,
+          dtype: str = "float32") -> dict:
+    exp = experiment(shape, moe_dispatch, remat, dtype)
     mesh = build_mesh(exp.mesh.axes)
     optimizer = make_optimizer(exp.train)
     state, shardings = create_sharded_state(exp.model, optimizer, mesh, seed=0)
@@ -116,7 +127,7 @@ def bench(shape: str, moe_dispatch: str | None, remat: str, steps: int, warmup: 
     if dispatch == "auto":
         dispatch = f"auto={default_dispatch(jax.default_backend())}"
     return {
-        "shape": shape, "moe_dispatch": dispatch, "remat": remat,
+        "shape": shape, "moe_dispatch": dispatch, "remat": remat, "dtype": dtype,
         "batch": f"{exp.train.batch_size}x{exp.train.seq_len}", "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times), "tokens_per_s": tokens_per_s,
         "gflops_per_token": flops_per_token / 1e9, "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()),
@@ -125,7 +136,7 @@ def bench(shape: str, moe_dispatch: str | None, remat: str, steps: int, warmup: 
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["shape", "moe_dispatch", "remat", "batch", "step_ms", "tokens_per_s", "mfu", "gflops_per_token", "warmup_s"]
+    cols = ["shape", "moe_dispatch", "remat", "dtype", "batch", "step_ms", "tokens_per_s", "mfu", "gflops_per_token", "warmup_s"]
     fmt = {"step_ms": "{:.1f}", "tokens_per_s": "{:,.0f}", "mfu": "{:.2%}", "gflops_per_token": "{:.5f}",
            "warmup_s": "{:.1f}"}
     text = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
@@ -143,6 +154,8 @@ def main(argv=None) -> None:
     p.add_argument("--remat", default="none", choices=REMAT_POLICIES, help="remat policy of the layer stacks")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activation dtype")
+    p.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak measurement")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
@@ -151,16 +164,18 @@ def main(argv=None) -> None:
     # other processes can only lower a measurement, so the max is the better estimate (and the MFU
     # the more conservative figure).
     load_start = os.getloadavg()[0]
-    peak_start = measure_matmul_peak(jnp.float32, 2048)
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; f32 matmul peak (2048^3) at start "
+    peak_dtype = jnp.dtype(args.dtype)
+    peak_start = measure_matmul_peak(peak_dtype, args.peak_size)
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; {peak_dtype} matmul peak "
+          f"({args.peak_size}^3) at start "
           f"{peak_start / 1e9:.1f} GFLOP/s per device; load average {load_start:.2f}", flush=True)
-    rows = [bench(s, args.moe_dispatch, args.remat, args.steps, args.warmup, peak_start)
+    rows = [bench(s, args.moe_dispatch, args.remat, args.steps, args.warmup, peak_start, args.dtype)
             for s in args.shapes.split(",")]
-    peak_end = measure_matmul_peak(jnp.float32, 2048)
+    peak_end = measure_matmul_peak(peak_dtype, args.peak_size)
     peak = max(peak_start, peak_end)
     for row in rows:
         row["mfu"] = row["gflops_per_token"] * 1e9 * row["tokens_per_s"] / (peak * jax.device_count())
-    print(f"f32 matmul peak at end {peak_end / 1e9:.1f} GFLOP/s; MFU below uses {peak / 1e9:.1f}; load average "
+    print(f"{peak_dtype} matmul peak at end {peak_end / 1e9:.1f} GFLOP/s; MFU below uses {peak / 1e9:.1f}; load average "
           f"{os.getloadavg()[0]:.2f}")
     print_table(rows)
     print(json.dumps({"peak_gflops": round(peak / 1e9, 2), "peak_gflops_start": round(peak_start / 1e9, 2),

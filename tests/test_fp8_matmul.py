@@ -24,6 +24,8 @@ from pallas_kernels import common as pallas_common
 from pallas_kernels.fp8_matmul import (FP8_E4M3_MAX, Fp8MatmulConfig, blockwise_fp8_matmul,
                                        quantize_blocks, quantize_tiles)
 from pallas_kernels.fp8_matmul import kernel as fp8_kernel
+from pallas_kernels.fp8_matmul import kernel_gpu as fp8_kernel_gpu
+from pallas_kernels.fp8_matmul import reference as fp8_reference
 from pallas_kernels.fp8_matmul import ops as fp8_ops
 
 SHAPES = [(128, 128, 128), (200, 300, 130), (1, 128, 256), (256, 384, 512)]
@@ -207,11 +209,47 @@ def test_small_blocks_and_fp8_mxu_operands():
     assert_rowwise_close(g, e, 1e-5)
 
 
+@pytest.mark.parametrize("kind", DATA_KINDS)
+@pytest.mark.parametrize("m,k,n", [(200, 300, 130), (1, 128, 256), (256, 384, 512)])
+def test_gpu_kernel_matches_reference(monkeypatch, m, k, n, kind):
+  """The Triton kernel (interpret mode), chosen by the op on a GPU backend, fwd and both grads."""
+  x, w, dy = make_inputs(kind, m, k, n)
+  want = fwd_and_vjp(x, w, dy, impl="xla", out_dtype=jnp.float32)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  config = Fp8MatmulConfig(interpret=True, gpu_block_m=64, gpu_block_n=128)
+
+  @jax.jit
+  def run(x, w, dy):
+    y, vjp = jax.vjp(lambda x, w: blockwise_fp8_matmul(
+        x, w, impl="pallas", out_dtype=jnp.float32, config=config), x, w)
+    return (y, *vjp(dy))
+
+  for g, e in zip(run(x, w, dy), want):
+    assert_rowwise_close(g, e, 1e-5)
+
+
+@pytest.mark.parametrize("b_block_scales", [True, False])
+def test_gpu_kernel_scaled_gemm_both_scale_modes(b_block_scales):
+  """Operand level: block-mode and tile-mode b scales, M and N not multiples of the tile."""
+  rng = np.random.default_rng(3)
+  m, kp, n = 72, 384, 256
+  a_q = jnp.asarray(rng.standard_normal((m, kp)) * 50, jnp.float8_e4m3fn)
+  b_q = jnp.asarray(rng.standard_normal((kp, n)) * 50, jnp.float8_e4m3fn)
+  a_s = jnp.asarray(10.0 ** rng.uniform(-3, 3, (m, kp // Q)), jnp.float32)
+  b_shape = (kp // Q, n // Q) if b_block_scales else (kp // Q, n)
+  b_s = jnp.asarray(10.0 ** rng.uniform(-3, 3, b_shape), jnp.float32)
+  config = Fp8MatmulConfig(interpret=True, gpu_block_m=32, gpu_block_n=128)
+  got = fp8_kernel_gpu.pallas_scaled_matmul_gpu(a_q, a_s, b_q, b_s, b_block_scales=b_block_scales,
+                                                config=config)
+  want = fp8_reference.scaled_matmul_reference(a_q, a_s, b_q, b_s, b_block_scales=b_block_scales)
+  assert_rowwise_close(got, want, 1e-6)
+
+
 # ---------- fallback and validation ----------
 
 def test_unsupported_backend_falls_back_with_one_warning(monkeypatch):
   monkeypatch.setattr(pallas_common, "_warned", set())
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "metal")  # no Pallas path there
   x, w, _ = make_inputs("gaussian", 64, 256, 128)
   with pytest.warns(RuntimeWarning, match="falling back"):
     got = blockwise_fp8_matmul(x, w, impl="pallas", out_dtype=jnp.float32)
@@ -252,3 +290,5 @@ def test_rejects_integer_inputs_and_bad_block_config():
     Fp8MatmulConfig(block_n=200)
   with pytest.raises(ValueError, match="mxu_dtype"):
     Fp8MatmulConfig(mxu_dtype="float16")
+  with pytest.raises(ValueError, match="gpu_block_n"):
+    Fp8MatmulConfig(gpu_block_n=96)

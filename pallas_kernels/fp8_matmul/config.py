@@ -49,12 +49,19 @@ class Fp8MatmulConfig:
     mxu_dtype: dtype fed to the in-kernel dot. float8_e4m3fn keeps the operands in FP8
       (native on FP8 MXUs); bfloat16 upcasts them first, which is exact (every e4m3 value is
       a bf16 value) and lowers on every TPU generation.
+    gpu_block_m, gpu_block_n: output tile of the GPU (Triton) kernel; powers of two >= 16,
+      shrunk for small problems. The GPU kernel feeds FP8 to the tensor cores.
+    gpu_num_warps, gpu_num_stages: Triton launch options of the GPU kernel.
   """
 
   block_m: int = 256
   block_n: int = 256
   interpret: bool | None = None
   mxu_dtype: str = "bfloat16"
+  gpu_block_m: int = 128
+  gpu_block_n: int = 128
+  gpu_num_warps: int = 4
+  gpu_num_stages: int = 3
 
   def __post_init__(self):
     if self.block_m <= 0 or self.block_m % TPU_FP8_SUBLANES:
@@ -64,6 +71,13 @@ class Fp8MatmulConfig:
       raise ValueError(f"block_n must be a positive multiple of {TPU_LANES}, got {self.block_n}")
     if self.mxu_dtype not in ("float8_e4m3fn", "bfloat16"):
       raise ValueError(f"mxu_dtype must be 'float8_e4m3fn' or 'bfloat16', got {self.mxu_dtype!r}")
+    for name in ("gpu_block_m", "gpu_block_n"):
+      value = getattr(self, name)
+      if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    if self.gpu_num_warps not in (1, 2, 4, 8, 16) or self.gpu_num_stages < 1:
+      raise ValueError(f"gpu_num_warps must be 1, 2, 4, 8 or 16 and gpu_num_stages >= 1; got "
+                       f"{self.gpu_num_warps}, {self.gpu_num_stages}")
     if self.interpret not in (None, True, False):
       raise ValueError(f"interpret must be None, True or False, got {self.interpret!r}")
     tile_bytes = (2 * 2 * (self.block_m + self.block_n) * QUANT_BLOCK  # fp8 tiles, 2 buffers

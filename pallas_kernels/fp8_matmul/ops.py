@@ -1,7 +1,8 @@
 """Public op: `blockwise_fp8_matmul` with an FP8 custom_vjp and an `impl=` switch.
 
-impl="xla" runs the pure-JAX reference GEMM; impl="pallas" runs the Pallas kernel (compiled on
-TPU, interpret mode on CPU). A case the kernel does not support raises NotImplementedError
+impl="xla" runs the pure-JAX reference GEMM; impl="pallas" runs a Pallas kernel: the Mosaic one
+(`kernel.py`) compiled on TPU and in interpret mode on CPU, the Triton one (`kernel_gpu.py`) on
+GPU. A case the kernel does not support raises NotImplementedError
 inside, and that GEMM falls back to the reference with a warning (once per reason). Both
 impls share the quantization and the forward/backward composition in `reference.py`, so they
 differ only in who computes the scaled GEMMs.
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.fp8_matmul import kernel, reference
+from pallas_kernels.fp8_matmul import kernel, kernel_gpu, reference
 from pallas_kernels.fp8_matmul.config import Fp8MatmulConfig
 
 IMPLS = ("xla", "pallas")
@@ -39,9 +40,12 @@ def _gemm(static: _Static) -> reference.ScaledGemm:
   if static.impl == "xla":
     return reference.scaled_matmul_reference
 
+  pallas_kernel = (kernel_gpu.pallas_scaled_matmul_gpu if jax.default_backend() == "gpu"
+                   else kernel.pallas_scaled_matmul)
+
   def pallas_gemm(*operands, b_block_scales, out_dtype):
     try:
-      return kernel.pallas_scaled_matmul(*operands, b_block_scales=b_block_scales,
+      return pallas_kernel(*operands, b_block_scales=b_block_scales,
                                          out_dtype=out_dtype, config=static.config)
     except NotImplementedError as err:
       _warn_once(str(err))
@@ -94,8 +98,8 @@ def blockwise_fp8_matmul(x_MK: jax.Array, w_KN: jax.Array, *, impl: str = "xla",
     x_MK: activations [M, K], float32/bfloat16/float16; quantized in [1, 128] tiles (one
       float32 scale amax/448 per row per 128-column block of K).
     w_KN: weights [K, N], same dtypes; quantized in [128, 128] blocks (one scale per block).
-    impl: "xla" (pure-JAX reference) or "pallas" (kernel; falls back to "xla" with a warning
-      when unsupported, e.g. on GPU).
+    impl: "xla" (pure-JAX reference) or "pallas" (the TPU kernel, or the Triton kernel on GPU;
+      falls back to "xla" with a warning when the kernel refuses the problem).
     out_dtype: float32 or bfloat16. Accumulation is always float32.
     config: kernel block sizes / interpret switch (see Fp8MatmulConfig).
 
