@@ -6,9 +6,10 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
 
 - "dense": every expert on every token, combined with a one-hot weight matrix. The plain reference
   (E / k times the useful FLOPs); tests compare every other path with it.
-- "ragged": sort the N*k assignments by expert and run grouped matmuls with `jax.lax.ragged_dot`.
-  On TPU and GPU ragged_dot lowers to grouped GEMM kernels that only touch each expert's rows, so this
-  costs ~the useful FLOPs there; XLA:CPU lowers it to masked dense dots (slower than "dense").
+- "ragged": sort the N*k assignments by expert and run grouped matmuls (`grouped_matmul.grouped_matmul`:
+  JAX's Mosaic-GPU grouped GEMM kernels on Hopper GPUs, `jax.lax.ragged_dot` elsewhere). On TPU
+  ragged_dot lowers to a grouped GEMM that only touches each expert's rows; XLA:GPU's and XLA:CPU's
+  lowerings cost about E times the useful work (masked dense dots).
 - "blocked": expert-sorted rows padded per expert to a multiple of a block size b, then a grouped GEMM
   over fixed-size row blocks (a `lax.scan` that indexes each block's expert weights) with a hand-written
   VJP. Useful FLOPs plus at most E*(b-1) padding rows, static shapes, dropless; the fast path on CPU.
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.layers.dispatch_blocked import auto_block_size, dispatch_blocked
+from ling_jax.layers.grouped_matmul import grouped_matmul
 
 
 class ExpertWeights(NamedTuple):
@@ -65,10 +67,10 @@ def dispatch_ragged(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Arr
     group_sizes_E = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
     xs_MD = x_ND[token_of]
     h_MF = _swiglu(
-        jax.lax.ragged_dot(xs_MD, experts.gate_EDF, group_sizes_E),
-        jax.lax.ragged_dot(xs_MD, experts.up_EDF, group_sizes_E),
+        grouped_matmul(xs_MD, experts.gate_EDF, group_sizes_E),
+        grouped_matmul(xs_MD, experts.up_EDF, group_sizes_E),
     )
-    out_MD = jax.lax.ragged_dot(h_MF, experts.down_EFD, group_sizes_E)
+    out_MD = grouped_matmul(h_MF, experts.down_EFD, group_sizes_E)
     out_NkD = jnp.zeros_like(out_MD).at[order].set(out_MD).reshape(N, k, -1)
     return jnp.einsum("NkD,Nk->ND", out_NkD, weights_Nk.astype(out_NkD.dtype))
 
