@@ -5,7 +5,8 @@
 #   2. the MoE layer ratio to the dense floor per dispatch path (16K tokens, hidden 2048, 64 experts
 #      top-8, width 512, bf16), uniform and skewed load;
 #   3. the real train step's tokens/s and MFU on the `h200` shape in bf16 (16K tokens per step);
-#   4. the kernel tests (FP8 matmul and router) on the accelerator.
+#   4. the kernel tests (FP8 matmul, router, grouped matmul) on the accelerator (tests/conftest.py
+#      defaults JAX_PLATFORMS to cpu: the stage sets it to the accelerator's platform).
 # Each stage writes $OUT/<stage>.log (its last line is the benchmark's JSON) under its own time limit.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/run_gpu_checks.sh
@@ -40,8 +41,9 @@ if [ "${QUICK:-0}" = 1 ]; then
   exit 0
 fi
 stage fp8_matmul 140 $PY benchmarks/fp8_matmul.py --sizes 4096 8192 --impls pallas,xla \
-  --gpu-configs 128x128w4s3 128x256w8s3 --repeats 10
+  --gpu-configs 128x128w8s4 128x256w8s3 --repeats 10
 stage moe_layer 130 $PY benchmarks/moe_layer.py --tokens 16384 --hidden 2048 --experts 64 --top-k 8 --groups 8 \
-  --topk-groups 4 --expert-width 512 --dtype bfloat16 --ref-tokens 0 --runs 10 --ref-runs 5
+  --topk-groups 4 --expert-width 512 --dtype bfloat16 --ref-tokens 0 --runs 10 --ref-runs 5 --paths ragged,dense,blocked
 stage train_step 160 $PY benchmarks/train_step.py --shapes h200 --dtype bfloat16 --peak-size 8192 --steps 10
-stage kernel_tests 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_fp8_matmul.py tests/test_topk_router.py
+stage kernel_tests 90 env JAX_PLATFORMS="${ACCELERATOR_PLATFORM:-cuda}" $PY -m pytest -q -x -p no:cacheprovider \
+  tests/test_fp8_matmul.py tests/test_topk_router.py tests/test_grouped_matmul.py

@@ -51,7 +51,8 @@ class Fp8MatmulConfig:
       a bf16 value) and lowers on every TPU generation.
     gpu_block_m, gpu_block_n: output tile of the GPU (Triton) kernel; powers of two >= 16,
       shrunk for small problems. The GPU kernel feeds FP8 to the tensor cores.
-    gpu_num_warps, gpu_num_stages: Triton launch options of the GPU kernel.
+    gpu_num_warps, gpu_num_stages: Triton launch options of the GPU kernel. The defaults were the
+      fastest of the tiles tried on one H200 at 8192^3 (benchmarks/README.md, "FP8 matmul").
   """
 
   block_m: int = 256
@@ -60,8 +61,8 @@ class Fp8MatmulConfig:
   mxu_dtype: str = "bfloat16"
   gpu_block_m: int = 128
   gpu_block_n: int = 128
-  gpu_num_warps: int = 4
-  gpu_num_stages: int = 3
+  gpu_num_warps: int = 8
+  gpu_num_stages: int = 4
 
   def __post_init__(self):
     if self.block_m <= 0 or self.block_m % TPU_FP8_SUBLANES:
