@@ -16,6 +16,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_moe_out")
 MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked")  # auto: ling_jax.layers.dispatch.default_dispatch
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_MODES = ("off", "xla", "pallas")  # FP8 projections: off, the XLA reference path, the Pallas kernel
+ROUTER_IMPLS = ("xla", "pallas")  # group-limited sigmoid top-k: lax.top_k, or the Pallas router kernel
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,7 @@ class ModelConfig:
     remat_policy: str = "none"
     moe_dispatch: str = "auto"  # per platform: "blocked" on CPU, "ragged" (grouped GEMM) on TPU/GPU
     fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/layers/fp8.py)
+    router_impl: str = "xla"  # pallas_kernels/topk_router impl; "pallas" = the kernel (interpreted on CPU)
 
     def __post_init__(self):
         self.validate()
@@ -193,6 +195,8 @@ class ModelConfig:
             raise ConfigError(f"moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
         if self.fp8 not in FP8_MODES:
             raise ConfigError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
+        if self.router_impl not in ROUTER_IMPLS:
+            raise ConfigError(f"router_impl must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
