@@ -6,6 +6,10 @@
 The dense prefix and the MoE layers are two `nn.scan` stacks. Packed sequences pass
 `segment_ids` (0 = padding) and per-document `positions`; attention never crosses segments.
 Decoding passes a fixed-size `DecodeCache` (see ling_jax/generate.py).
+
+With `fp8` on, the output head (lm_head, shared by the MTP layers) is a blockwise FP8 matmul too:
+ling2-spec.md's FP8 line keeps only the router, expert bias and attention softmax in high precision
+(DeepSeek-V3, whose recipe Ling 2.0 follows, also keeps the output head in BF16; the spec does not).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import KVCache, attention_mask
 from ling_jax.layers.basic import RMSNorm, param_with_axes
 from ling_jax.layers.decoder import MTPLayer
+from ling_jax.layers.fp8 import FP8_STATS, fp8_projection, quantization_stats
 from ling_jax.layers.moe import RouterStats
 from ling_jax.layers.rope import rope_cos_sin
 from ling_jax.layers.stack import LayerStack
@@ -127,9 +132,18 @@ class LingModel(nn.Module):
             )
 
         def logits(h_BTD):
+            if cfg.fp8 != "off":  # float32 logits from the blockwise FP8 matmul (forward and backward)
+                return fp8_projection(h_BTD, lm_head_DV.astype(cfg.jnp_dtype), contract=1, impl=cfg.fp8,
+                                      out_dtype=jnp.float32)
             return jnp.einsum(
                 "BTD,DV->BTV", h_BTD, lm_head_DV.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32
             )
+
+        if cfg.fp8 != "off":  # the head's quantization statistics, as every FP8 projection sows its own
+            for prefix, value, blocks in (("input", final_BTD.reshape(-1, cfg.hidden_size), False),
+                                          ("kernel", lm_head_DV, True)):
+                for name, stat in quantization_stats(value, blocks=blocks).items():
+                    self.sow(FP8_STATS, f"lm_head_{prefix}_{name}", stat)
 
         mtp_logits = mtp_hidden = mtp_router = None
         if cfg.num_mtp_layers and with_mtp and cache is None:
@@ -143,7 +157,8 @@ class LingModel(nn.Module):
                 )
                 outs.append((h_BTD, stats))
             mtp_hidden = jnp.stack([h for h, _ in outs])
-            mtp_logits = jax.vmap(logits)(mtp_hidden)
+            # Off: one einsum per MTP layer. FP8: one matmul over all rows (tiles are per row anyway).
+            mtp_logits = jax.vmap(logits)(mtp_hidden) if cfg.fp8 == "off" else logits(mtp_hidden)
             mtp_router = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in outs])
 
         new_cache = None

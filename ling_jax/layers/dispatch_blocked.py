@@ -277,21 +277,37 @@ def _blocked_moe_bwd(block_size, residuals, dy_ND):
 _blocked_moe.defvjp(_blocked_moe_fwd, _blocked_moe_bwd)
 
 
-def dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, *, block_size: int | None = None) -> jax.Array:
+def dispatch_blocked(
+    x_ND, ids_Nk, weights_Nk, experts, *, block_size: int | None = None, fp8_impl: str | None = None
+) -> jax.Array:
     """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) as a grouped GEMM over row blocks.
 
     `experts` is an ExpertWeights (gate [E, D, F], up [E, D, F], down [E, F, D]). `block_size` None picks
     `auto_block_size`. Exact (equal to "dense" to float tolerance), dropless, differentiable in x,
     weights and expert weights.
+
+    `fp8_impl` "xla" or "pallas" (a model's `fp8` mode; None or "off" = high precision) runs every expert
+    GEMM, forward and backward, in blockwise FP8 (ling_jax/layers/dispatch_blocked_fp8.py); the block
+    size is then a multiple of 128 (None: `auto_block_size` rounded up).
     """
     N, k = ids_Nk.shape
     E = experts[0].shape[0]
-    b = auto_block_size(N * k, E) if block_size is None else int(block_size)
+    fp8 = None if fp8_impl in (None, "off") else fp8_impl
+    if fp8 is not None and fp8 not in ("xla", "pallas"):
+        raise ValueError(f"fp8_impl must be None, 'off', 'xla' or 'pallas', got {fp8_impl!r}")
+    if fp8 is not None:
+        from ling_jax.layers import dispatch_blocked_fp8  # imports this module's helpers
+
+        b = dispatch_blocked_fp8.fp8_block_size(auto_block_size(N * k, E), block_size)
+    else:
+        b = auto_block_size(N * k, E) if block_size is None else int(block_size)
     if b <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     dtype = jnp.result_type(x_ND, *experts)  # one compute dtype (a no-op when they already agree)
     layout = blocked_layout(ids_Nk, E, b)
     # jnp.asarray: numpy weights (e.g. from hf.load_checkpoint) must become jax arrays, since the block
     # loop indexes them with a traced expert id.
-    return _blocked_moe(jnp.asarray(x_ND, dtype), jnp.asarray(weights_Nk), *(jnp.asarray(w, dtype) for w in experts),
-                        layout, b)
+    args = (jnp.asarray(x_ND, dtype), jnp.asarray(weights_Nk), *(jnp.asarray(w, dtype) for w in experts), layout)
+    if fp8 is not None:
+        return dispatch_blocked_fp8.blocked_moe_fp8(*args, block_size=b, impl=fp8)
+    return _blocked_moe(*args, b)

@@ -2,7 +2,12 @@
 recipe: activations and gradients in [1, 128] tiles, weights in [128, 128] blocks, float32 scales
 and accumulation; see pallas_kernels/fp8_matmul) plus the per-op health statistics the recipe
 monitors: the fraction of non-zero values that underflow to zero, and the cosine similarity of a
-tensor with its quantize-dequantize round trip."""
+tensor with its quantize-dequantize round trip.
+
+Where the Pallas kernels run: `pallas_interpret()` reads the platform of the mesh the step is traced
+under (`jax.set_mesh`, as `make_train_step` does), so a train step traced on a CPU host for a TPU
+topology mesh lowers the Mosaic kernels instead of interpreting them; with no mesh in context the
+default backend decides (interpret on CPU, compile on TPU)."""
 
 from __future__ import annotations
 
@@ -11,10 +16,58 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_matmul import blockwise_fp8_matmul, quantize_blocks, quantize_tiles
+from pallas_kernels import common
+from pallas_kernels.fp8_matmul import Fp8MatmulConfig, blockwise_fp8_matmul, quantize_blocks, quantize_tiles
+from pallas_kernels.fp8_matmul import kernel as fp8_kernel
+from pallas_kernels.fp8_matmul import kernel_gpu as fp8_kernel_gpu
+from pallas_kernels.fp8_matmul import reference as fp8_reference
 from pallas_kernels.fp8_matmul.config import QUANT_BLOCK
 
 FP8_STATS = "fp8_stats"  # variable collection the statistics are sown into
+
+
+def kernel_platform() -> str:
+    """Platform the traced program targets: the context mesh's devices, else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def pallas_interpret() -> bool | None:
+    """`interpret` for the Pallas kernel configs: True for a CPU target, False for TPU, None otherwise
+    (the ops decide; e.g. the FP8 matmul's Triton kernel on GPU)."""
+    return {"cpu": True, "tpu": False}.get(kernel_platform())
+
+
+def fp8_config() -> Fp8MatmulConfig:
+    """The FP8 matmul's default blocks, compiled or interpreted for the traced program's target."""
+    return Fp8MatmulConfig(interpret=pallas_interpret())
+
+
+def scaled_gemm(impl: str) -> fp8_reference.ScaledGemm:
+    """The blockwise-scaled GEMM on pre-quantized operands that `blockwise_fp8_matmul(impl=...)` runs
+    (for callers that quantize once and multiply many times, like the routed experts): "xla" the
+    reference, "pallas" the Mosaic kernel (Triton on GPU), falling back to the reference with the
+    op's one-time warning when the kernel refuses a problem."""
+    if impl == "xla":
+        return fp8_reference.scaled_matmul_reference
+    if impl != "pallas":
+        raise ValueError(f"fp8 impl must be 'xla' or 'pallas', got {impl!r}")
+    config = fp8_config()
+    on_gpu = kernel_platform() == "gpu"
+
+    def gemm(*operands, b_block_scales: bool, out_dtype):
+        try:
+            if on_gpu:
+                return fp8_kernel_gpu.pallas_scaled_matmul_gpu(
+                    *operands, b_block_scales=b_block_scales, out_dtype=out_dtype, config=config)
+            return fp8_kernel.pallas_scaled_matmul(
+                *operands, b_block_scales=b_block_scales, out_dtype=out_dtype, config=config)
+        except NotImplementedError as err:
+            common.warn_fallback_once("blockwise_fp8_matmul", str(err))
+            return fp8_reference.scaled_matmul_reference(
+                *operands, b_block_scales=b_block_scales, out_dtype=out_dtype)
+
+    return gemm
 
 
 def _dequantize(q, scales, rows, cols, block_rows: int):
@@ -58,5 +111,5 @@ def fp8_projection(x, kernel, *, contract: int, impl: str, out_dtype) -> jax.Arr
     k = math.prod(kernel.shape[:contract])
     x_MK = x.reshape(-1, k)
     w_KN = kernel.reshape(k, -1)
-    y_MN = blockwise_fp8_matmul(x_MK, w_KN, impl=impl, out_dtype=out_dtype)
+    y_MN = blockwise_fp8_matmul(x_MK, w_KN, impl=impl, out_dtype=out_dtype, config=fp8_config())
     return y_MN.reshape(*x.shape[: x.ndim - contract], *kernel.shape[contract:])

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.topk_router import sigmoid_topk_route
+from ling_jax.layers.fp8 import pallas_interpret
+from pallas_kernels.topk_router import RouterKernelConfig, sigmoid_topk_route
 
 
 def route(
@@ -21,12 +22,20 @@ def route(
     n_group: int,
     topk_group: int,
     routed_scaling_factor: float,
+    impl: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
-    """(expert_ids [N, k] int32, weights [N, k] float32) for router logits [N, E]: the XLA path of
-    the router op (pallas_kernels/topk_router), whose VJP reaches the logits through the weights."""
+    """(expert_ids [N, k] int32, weights [N, k] float32) for router logits [N, E] through the router op
+    (pallas_kernels/topk_router), whose VJP reaches the logits through the weights.
+
+    `impl` (a model's `router_impl`): "xla" the lax.top_k reference, "pallas" the max-and-mask kernel,
+    compiled for a TPU target and interpreted on a CPU one (the platform of the mesh the step is traced
+    under, see ling_jax.layers.fp8.pallas_interpret). Both select the same experts (ties to the lowest
+    index) and give the same weights and gradients.
+    """
+    config = RouterKernelConfig(interpret=pallas_interpret()) if impl == "pallas" else None
     return sigmoid_topk_route(
         logits_NE, expert_bias_E, top_k=top_k, n_group=n_group, topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor, impl="xla",
+        routed_scaling_factor=routed_scaling_factor, impl=impl, config=config,
     )
 
 
