@@ -102,3 +102,59 @@ def test_topk_router_compiles_for_tpu(mesh):
   text, compiled = _lower_and_compile(step, logits, bias, r)
   assert text.count(MOSAIC_CALL) == 2  # forward and backward kernels
   assert compiled.memory_analysis() is not None
+
+
+# ------------------------------------------------------------------ the real train step, AOT for TPU
+TRAIN_B, TRAIN_T = 8, 128
+
+
+@pytest.fixture
+def pallas_router(monkeypatch):
+  """router_impl="pallas" in the model. Until moe.py forwards `cfg.router_impl` to `route` (one
+  keyword), `route` gets that default here; once it does, the config's (equal) value wins."""
+  import functools
+
+  from ling_jax.layers import moe as moe_module
+  from ling_jax.layers import routing
+  monkeypatch.setattr(moe_module, "route", functools.partial(routing.route, impl="pallas"))
+
+
+def test_train_step_with_both_kernels_compiles_for_tpu(mesh, pallas_router):
+  """`make_train_step` for a tiny model with fp8="pallas" and router_impl="pallas", traced on the
+  CPU host under the topology's mesh (so the kernels lower for TPU, see
+  ling_jax.layers.fp8.pallas_interpret), lowered with sharded abstract inputs and compiled."""
+  import flax.linen as nn
+
+  from ling_jax.config import ModelConfig
+  from ling_jax.sharding import batch_spec, build_mesh
+  from ling_jax.sharding.rules import LOGICAL_AXIS_RULES
+  from ling_jax.train.config import TrainConfig
+  from ling_jax.train.state import make_optimizer, state_shardings
+  from ling_jax.train.step import make_train_step
+
+  model_cfg = ModelConfig(
+      vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+      intermediate_size=256, num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+      num_shared_experts=1, moe_intermediate_size=128, first_k_dense_replace=1, num_mtp_layers=1,
+      mtp_loss_weight=0.1, max_position_embeddings=256, rope_theta=10000.0, init_std=0.02,
+      moe_dispatch="dense", fp8="pallas", router_impl="pallas")
+  train_cfg = TrainConfig(batch_size=TRAIN_B, seq_len=TRAIN_T, warmup_steps=2)
+  topo_mesh = build_mesh(dict(data=-1, fsdp=1, expert=1, model=1), list(mesh.devices.flat))
+  optimizer = make_optimizer(train_cfg)
+  abstract, shardings = state_shardings(model_cfg, optimizer, topo_mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch_sharding = NamedSharding(topo_mesh, batch_spec())
+  batch = {name: jax.ShapeDtypeStruct((TRAIN_B, TRAIN_T), dtype, sharding=batch_sharding)
+           for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("segment_ids", jnp.int32),
+                               ("positions", jnp.int32), ("loss_mask", jnp.float32))}
+  train_step = make_train_step(model_cfg, train_cfg, optimizer, topo_mesh, shardings)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)  # a kernel falling back to XLA fails the test
+    with jax.set_mesh(topo_mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      lowered = train_step.jitted.lower(state, batch)
+  compiled = lowered.compile()
+  calls = [line for line in compiled.as_text().splitlines() if f'custom_call_target="{MOSAIC_CALL}"' in line]
+  count = lambda name: sum(f"%{name}" in line for line in calls)  # noqa: E731  (the kernel's name)
+  assert count("blockwise_fp8_matmul") >= 3, calls  # forward, dgrad and wgrad of every projection
+  assert count("sigmoid_topk_route_fwd") >= 1 and count("sigmoid_topk_route_bwd") >= 1, calls
+  assert compiled.memory_analysis() is not None

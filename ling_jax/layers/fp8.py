@@ -4,10 +4,8 @@ and accumulation; see pallas_kernels/fp8_matmul) plus the per-op health statisti
 monitors: the fraction of non-zero values that underflow to zero, and the cosine similarity of a
 tensor with its quantize-dequantize round trip.
 
-Where the Pallas kernels run: `pallas_interpret()` reads the platform of the mesh the step is traced
-under (`jax.set_mesh`, as `make_train_step` does), so a train step traced on a CPU host for a TPU
-topology mesh lowers the Mosaic kernels instead of interpreting them; with no mesh in context the
-default backend decides (interpret on CPU, compile on TPU)."""
+With impl="pallas" the kernels compile for the platform of the mesh the step is traced under and run
+per batch shard under a multi-device mesh (ling_jax/layers/pallas_target.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ling_jax.layers.pallas_target import kernel_platform, pallas_interpret, per_row_shard
 from pallas_kernels import common
 from pallas_kernels.fp8_matmul import Fp8MatmulConfig, blockwise_fp8_matmul, quantize_blocks, quantize_tiles
 from pallas_kernels.fp8_matmul import kernel as fp8_kernel
@@ -24,18 +23,6 @@ from pallas_kernels.fp8_matmul import reference as fp8_reference
 from pallas_kernels.fp8_matmul.config import QUANT_BLOCK
 
 FP8_STATS = "fp8_stats"  # variable collection the statistics are sown into
-
-
-def kernel_platform() -> str:
-    """Platform the traced program targets: the context mesh's devices, else the default backend."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
-
-
-def pallas_interpret() -> bool | None:
-    """`interpret` for the Pallas kernel configs: True for a CPU target, False for TPU, None otherwise
-    (the ops decide; e.g. the FP8 matmul's Triton kernel on GPU)."""
-    return {"cpu": True, "tpu": False}.get(kernel_platform())
 
 
 def fp8_config() -> Fp8MatmulConfig:
@@ -111,5 +98,6 @@ def fp8_projection(x, kernel, *, contract: int, impl: str, out_dtype) -> jax.Arr
     k = math.prod(kernel.shape[:contract])
     x_MK = x.reshape(-1, k)
     w_KN = kernel.reshape(k, -1)
-    y_MN = blockwise_fp8_matmul(x_MK, w_KN, impl=impl, out_dtype=out_dtype, config=fp8_config())
+    matmul = lambda x, w: blockwise_fp8_matmul(x, w, impl=impl, out_dtype=out_dtype, config=fp8_config())  # noqa: E731
+    y_MN = per_row_shard(matmul, (x_MK,), (w_KN,)) if impl == "pallas" else matmul(x_MK, w_KN)
     return y_MN.reshape(*x.shape[: x.ndim - contract], *kernel.shape[contract:])

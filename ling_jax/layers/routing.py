@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ling_jax.layers.fp8 import pallas_interpret
+from ling_jax.layers.pallas_target import pallas_interpret, per_row_shard
 from pallas_kernels.topk_router import RouterKernelConfig, sigmoid_topk_route
 
 
@@ -28,15 +28,20 @@ def route(
     (pallas_kernels/topk_router), whose VJP reaches the logits through the weights.
 
     `impl` (a model's `router_impl`): "xla" the lax.top_k reference, "pallas" the max-and-mask kernel,
-    compiled for a TPU target and interpreted on a CPU one (the platform of the mesh the step is traced
-    under, see ling_jax.layers.fp8.pallas_interpret). Both select the same experts (ties to the lowest
+    compiled for a TPU target and interpreted on a CPU one, per batch shard under a multi-device mesh
+    (ling_jax/layers/pallas_target.py). Both select the same experts (ties to the lowest
     index) and give the same weights and gradients.
     """
-    config = RouterKernelConfig(interpret=pallas_interpret()) if impl == "pallas" else None
-    return sigmoid_topk_route(
-        logits_NE, expert_bias_E, top_k=top_k, n_group=n_group, topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor, impl=impl, config=config,
-    )
+    def op(logits_NE, expert_bias_E):
+        config = RouterKernelConfig(interpret=pallas_interpret()) if impl == "pallas" else None
+        return sigmoid_topk_route(
+            logits_NE, expert_bias_E, top_k=top_k, n_group=n_group, topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor, impl=impl, config=config,
+        )
+
+    if impl == "pallas":  # a Mosaic kernel runs per batch shard (GSPMD cannot partition it)
+        return per_row_shard(op, (logits_NE,), (expert_bias_E,))
+    return op(logits_NE, expert_bias_E)
 
 
 def expert_counts(ids_Nk: jax.Array, num_experts: int, token_mask_N: jax.Array | None = None) -> jax.Array:

@@ -1,0 +1,58 @@
+"""Where the model's Pallas kernels (the FP8 matmul, the router) run, and how they see a device mesh.
+
+Target. `kernel_platform()` is the platform of the mesh the step is traced under (`jax.set_mesh`, as
+`make_train_step` and `make_eval_step` do), else the default backend. So a train step traced on a
+CPU host for a TPU topology mesh lowers the Mosaic kernels instead of interpreting them.
+
+Partitioning. A Mosaic kernel cannot be partitioned by GSPMD ("wrap the call in a shard_map"), so
+under a multi-device mesh `per_row_shard` runs a row-wise op per device in a `jax.shard_map`: the
+rows (tokens) split over the batch axes (data, fsdp, expert), the other operands replicated on every
+device (a weight is gathered, as FSDP gathers it for any matmul; its gradient is summed over the
+devices by the shard_map's transpose). Devices of the "model" axis hold the same rows and compute
+the same result (no tensor parallelism inside a kernel call). Rows that do not split evenly run
+replicated. Without a mesh, with a one-device mesh, or inside a shard_map already, the op is called
+as is. The result equals one device's when every shard holds a multiple of 128 rows; otherwise the
+FP8 weight gradient's [128, 1] tiles along the rows are per shard (as in any data-parallel FP8
+training), which changes it by FP8 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from ling_jax.sharding.rules import BATCH_AXES
+
+
+def kernel_platform() -> str:
+    """Platform the traced program targets: the context mesh's devices, else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def pallas_interpret() -> bool | None:
+    """`interpret` for the kernel configs: True for a CPU target, False for TPU, None otherwise (the
+    ops decide; e.g. the FP8 matmul's Triton kernel on GPU)."""
+    return {"cpu": True, "tpu": False}.get(kernel_platform())
+
+
+def per_row_shard(fn: Callable, rows: tuple, replicated: tuple = ()):
+    """fn(*rows, *replicated), each device computing the rows of its batch shard (see the module
+    docstring). Every array in `rows` and every output has the rows on its leading axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return fn(*rows, *replicated)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if rows[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    row_spec = P(axes or None)
+    out_shape = jax.eval_shape(fn, *rows, *replicated)
+    return jax.shard_map(
+        fn, mesh=mesh,
+        in_specs=(*(row_spec for _ in rows), *(P() for _ in replicated)),
+        out_specs=jax.tree.map(lambda _: row_spec, out_shape),
+        check_vma=False,  # pallas_call outputs carry no varying-axes type (platform notes)
+    )(*rows, *replicated)
