@@ -39,6 +39,9 @@ than the scan (weight copies); writing block outputs to an [R, D] buffer and gat
 into token order cost ~0.1 s per [M, D] pass at this size (a plain 134 MB copy takes ~0.07 s on
 this machine), more than the in-loop scatter-adds (~0.03 s).
 
+FP8: with `fp8_impl` set, ling_jax/layers/dispatch_blocked_fp8.py runs the same layout and loop with
+every expert GEMM (forward and backward) in blockwise FP8, weights quantized once per call.
+
 Ids outside [0, E) mean "no assignment" (contributes nothing and costs no rows): expert parallelism
 uses this for the slots of tokens routed to other shards. Second-order derivatives are not supported
 (custom VJP).
