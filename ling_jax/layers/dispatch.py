@@ -17,6 +17,11 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
 
 `default_dispatch(platform)` picks the implementation per backend. Ids outside [0, E) mean "no
 assignment" for "dense" and "blocked" (expert parallelism relies on it); "ragged" needs valid ids.
+
+These functions see whatever tokens they are given. Under a mesh the MoE layer calls them per shard
+(`per_shard_dispatch` in ling_jax/layers/expert_parallel.py, inside `jax.shard_map`), so the
+"ragged" / "blocked" argsort covers one device's tokens; called on global arrays under GSPMD, that
+sort is over the whole batch and is not partitioned.
 """
 
 from __future__ import annotations

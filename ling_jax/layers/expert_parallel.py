@@ -1,4 +1,19 @@
-"""Expert parallelism: routed experts sharded over a mesh axis, tokens exchanged with all-to-all.
+"""Per-shard routed-expert dispatch: what the MoE layer (ling_jax/layers/moe.py) runs under a mesh.
+
+`per_shard_dispatch` wraps the dispatch in `jax.shard_map` so that every device sorts and dispatches
+only its own tokens (split over the batch axes data / fsdp / expert). Two cases:
+
+- mesh axis "expert" > 1: expert parallelism, below (`expert_parallel_dispatch_with_stats`).
+- otherwise every device holds all E experts: shard_map's in_specs ask for the full expert and
+  model width, so weights sharded over fsdp ("embed_moe") are all-gathered at entry (their
+  gradients reduced back on the way out), and the device runs `dispatch` on its n tokens.
+
+In both, the experts' hidden width F may stay split over a `model_axis` ("mlp_moe" -> model):
+tokens are replicated over that axis, each device computes its F-slice of every expert (SwiGLU is
+elementwise in F, and the down projection sums over F) and the partial outputs are summed with one
+`psum` over the axis: exact up to summation order, with 1/m of the weights and expert FLOPs.
+
+Expert parallelism: routed experts sharded over a mesh axis, tokens exchanged with all-to-all.
 
 Axis letters (besides the glossary in ling_jax/layers/__init__.py): P expert shards (size of the
 expert mesh axis), El = E / P experts per shard, n tokens per device, C send-buffer rows per
@@ -30,7 +45,8 @@ still compute) and counted. A `lax.ragged_all_to_all` exchange would send only t
 is not used here because XLA:CPU, where this is tested, does not implement it.
 
 Gradients (x, routing weights, expert weights) flow through the all-to-alls (their transpose is the
-reverse all-to-all) and the local dispatch's own VJP.
+reverse all-to-all), the model-axis psum (x is replicated over that axis and meets F-sliced
+weights, so shard_map sums x's partial gradients over it) and the local dispatch's own VJP.
 """
 
 from __future__ import annotations
@@ -41,9 +57,10 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from ling_jax.layers.dispatch import ExpertWeights, dispatch
+from ling_jax.sharding.rules import BATCH_AXES
 
 _NATIVE_EMPTY_SLOTS = ("blocked", "dense")  # local impls that treat an out-of-range id as "no expert"
 
@@ -116,12 +133,13 @@ def expert_parallel_dispatch_with_stats(
     weights_Nk: jax.Array,
     experts: ExpertWeights,
     *,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     expert_axis: str = "expert",
-    token_axes: Sequence[str] = ("data", "fsdp", "expert"),
+    token_axes: Sequence[str] = BATCH_AXES,
     local_impl: str = "blocked",
     block_size: int | None = None,
     capacity_factor: float | None = None,
+    model_axis: str | None = None,
 ) -> ExpertParallelOutput:
     """Routed-expert output y [N, D] with experts sharded over `expert_axis` of `mesh`, plus the count
     of dropped assignments (see module docstring). Call under `jax.jit`; inputs are global arrays.
@@ -130,10 +148,17 @@ def expert_parallel_dispatch_with_stats(
     include `expert_axis`), the three expert weight arrays over `expert_axis` (dimension 0); mesh axes
     in neither are replicated (expert weights sharded elsewhere, e.g. over fsdp, are gathered by
     shard_map at entry). ids must lie in [0, E).
+
+    `model_axis` (a mesh axis, or None): the experts' hidden width F stays split over it (gate / up
+    [El, D, F / m], down [El, F / m, D]); tokens are replicated over it, every device computes its
+    F-slice of each expert and the partial outputs are summed with one `psum` over `model_axis`
+    (tensor parallelism inside the experts, exact up to summation order).
     """
     if expert_axis not in mesh.axis_names:
         raise ValueError(f"expert_axis {expert_axis!r} is not an axis of the mesh {mesh.axis_names}")
     tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
+    if model_axis is not None and (model_axis not in mesh.axis_names or model_axis in tok_axes):
+        raise ValueError(f"model_axis {model_axis!r} must be a mesh axis {mesh.axis_names} outside {tok_axes}")
     if expert_axis not in tok_axes:
         raise ValueError(f"tokens must be split over the expert axis {expert_axis!r} too (token_axes {token_axes})")
     N, k = ids_Nk.shape
@@ -160,14 +185,16 @@ def expert_parallel_dispatch_with_stats(
         )
         y_PCD = exchange(y_MD.reshape(P, C, -1))
         y_nD = jnp.zeros_like(x_nD).at[row_token_PC].add(y_PCD.astype(x_nD.dtype), mode="drop")
+        if model_axis is not None:  # each device holds its F-slice's share of every output
+            y_nD = lax.psum(y_nD, model_axis)
         return y_nD, lax.psum(dropped, tok_axes)
 
     token_spec = PartitionSpec(tok_axes, None)
-    expert_spec = PartitionSpec(expert_axis, None, None)
+    in_EDF, out_EFD = PartitionSpec(expert_axis, None, model_axis), PartitionSpec(expert_axis, model_axis, None)
     y_ND, dropped = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(token_spec, token_spec, token_spec, expert_spec, expert_spec, expert_spec),
+        in_specs=(token_spec, token_spec, token_spec, in_EDF, in_EDF, out_EFD),
         out_specs=(token_spec, PartitionSpec()),
     )(x_ND, ids_Nk, weights_Nk, *experts)
     return ExpertParallelOutput(y_ND, dropped)
@@ -179,9 +206,9 @@ def expert_parallel_dispatch(
     weights_Nk: jax.Array,
     experts: ExpertWeights,
     *,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     expert_axis: str = "expert",
-    token_axes: Sequence[str] = ("data", "fsdp", "expert"),
+    token_axes: Sequence[str] = BATCH_AXES,
     local_impl: str = "blocked",
     block_size: int | None = None,
 ) -> jax.Array:
@@ -191,3 +218,56 @@ def expert_parallel_dispatch(
         x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=token_axes,
         local_impl=local_impl, block_size=block_size,
     ).y_ND
+
+
+def token_shards(mesh: Mesh | AbstractMesh, token_axes: Sequence[str] = BATCH_AXES) -> int:
+    """How many ways `mesh` splits the tokens: the product of its `token_axes` sizes (1 without a mesh)."""
+    return math.prod(mesh.shape[a] for a in token_axes if a in mesh.axis_names) if not mesh.empty else 1
+
+
+def per_shard_dispatch(
+    x_ND: jax.Array,
+    ids_Nk: jax.Array,
+    weights_Nk: jax.Array,
+    experts: ExpertWeights,
+    *,
+    mesh: Mesh | AbstractMesh,
+    impl: str,
+    token_axes: Sequence[str] = BATCH_AXES,
+    expert_axis: str = "expert",
+    model_axis: str = "model",
+    block_size: int | None = None,
+) -> jax.Array:
+    """Dropless y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) [N, D], each device dispatching
+    only its own tokens (`jax.shard_map`; call under `jax.jit`, inputs are global arrays).
+
+    Tokens are split over the `token_axes` present in `mesh`. With `expert_axis` of size > 1 the
+    experts are split over it and exchanged with all-to-all (`expert_parallel_dispatch_with_stats`,
+    local dispatch `impl`); otherwise every device holds all E experts (shard_map gathers weights
+    sharded over token axes such as fsdp at entry) and runs `dispatch(..., impl=impl)` on its tokens.
+    Either way the experts' width F stays split over `model_axis` when it is a mesh axis of size > 1
+    (tokens are replicated over it; partial outputs are summed with `psum`). ids must lie in [0, E).
+    """
+    tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
+    use_model = model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes
+    model = model_axis if use_model else None
+    if expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
+        return expert_parallel_dispatch_with_stats(
+            x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=tok_axes,
+            local_impl=impl, block_size=block_size, model_axis=model,
+        ).y_ND
+    N, shards = ids_Nk.shape[0], token_shards(mesh, tok_axes)
+    if N % shards:
+        raise ValueError(f"{N} tokens do not split evenly over token axes {tok_axes} ({shards} shards)")
+
+    def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
+        y_nD = dispatch(x_nD, ids_nk, weights_nk, ExpertWeights(gate_EDF, up_EDF, down_EFD), impl=impl,
+                        block_size=block_size)
+        return lax.psum(y_nD, model) if model is not None else y_nD
+
+    token_spec = PartitionSpec(tok_axes, None)
+    in_EDF, out_EFD = PartitionSpec(None, None, model), PartitionSpec(None, model, None)
+    return jax.shard_map(
+        per_device, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, in_EDF, in_EDF, out_EFD),
+        out_specs=token_spec,
+    )(x_ND, ids_Nk, weights_Nk, *experts)

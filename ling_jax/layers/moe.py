@@ -1,4 +1,22 @@
-"""Ling 2.0 MoE block: sigmoid router with expert bias, dropless routed experts, shared expert."""
+"""Ling 2.0 MoE block: sigmoid router with expert bias, dropless routed experts, shared expert.
+
+Routing (router logits, group-limited sigmoid top-k with the expert bias) runs on the global token
+set as written, so GSPMD partitions it and `RouterStats.counts_E` are global sums: the aux-loss-free
+bias update is the same on every mesh. The routed experts then run per shard:
+
+- No mesh in context (`jax.sharding.get_abstract_mesh()` empty), or one whose batch axes
+  (ling_jax/sharding/rules.py BATCH_AXES: data, fsdp, expert) hold one device: `dispatch` on all
+  tokens, as on one device.
+- Otherwise (e.g. the train step, which traces under `jax.set_mesh(mesh)`): `per_shard_dispatch`
+  (ling_jax/layers/expert_parallel.py), a `jax.shard_map` in which every device dispatches only its
+  own tokens, so the "ragged" / "blocked" argsort covers n * k local assignments instead of the
+  global batch's N * k (which GSPMD cannot split). With mesh axis "expert" > 1 the experts stay
+  split over it and tokens travel by all-to-all; otherwise every device gathers all experts'
+  weights (sharded "embed_moe" -> fsdp). The expert width ("mlp_moe" -> model) stays split: each
+  model-axis device computes its F-slice and the partial outputs are summed over "model".
+  If the token count does not split evenly over the batch axes, or those axes are already manual
+  (the model called inside someone's shard_map), the global `dispatch` is used.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ling_jax.config import ModelConfig
 from ling_jax.layers.basic import param_with_axes
 from ling_jax.layers.dispatch import ExpertWeights, default_dispatch, dispatch
+from ling_jax.layers.expert_parallel import per_shard_dispatch, token_shards
 from ling_jax.layers.mlp import MLP
 from ling_jax.layers.routing import expert_counts, route
 
@@ -26,6 +45,24 @@ class RouterStats(NamedTuple):
     logits_BTE: jax.Array
     ids_BTk: jax.Array
     weights_BTk: jax.Array
+
+
+def dispatch_mesh(num_tokens: int):
+    """The context mesh if the routed experts should run per shard on it (see the module docstring),
+    else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:
+        return None
+    shards = token_shards(mesh)
+    return mesh if shards > 1 and num_tokens % shards == 0 else None
+
+
+def routed_experts(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str) -> jax.Array:
+    """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), per shard under a mesh, else global."""
+    mesh = dispatch_mesh(x_ND.shape[0])
+    if mesh is None:
+        return dispatch(x_ND, ids_Nk, weights_Nk, experts, impl=impl)
+    return per_shard_dispatch(x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, impl=impl)
 
 
 class MoE(nn.Module):
@@ -61,7 +98,7 @@ class MoE(nn.Module):
         )
         experts = ExpertWeights(*(w.astype(dtype) for w in experts))
         impl = default_dispatch(jax.default_backend()) if cfg.moe_dispatch == "auto" else cfg.moe_dispatch
-        y_ND = dispatch(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl)
+        y_ND = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl)
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:
             y_BTD = y_BTD + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x_BTD)

@@ -14,16 +14,19 @@ Terms (each is a line of the breakdown):
 - one layer in backward: the recomputed intermediates of the largest layer plus their gradients
   (2x its forward intermediates; attention scores and probabilities dominate at long sequences).
 - MoE dispatch buffers: part of a layer's intermediates, shown separately because they depend on
-  `moe_dispatch` and on how GSPMD partitions it (the dispatch is written over the global batch;
-  there is no explicit expert parallelism):
-  "dense": every expert on every local token, [N, E, F] x3 and [N, E, D]. With an expert axis
-  e > 1, tokens and experts are split on the same axis and GSPMD does not keep the experts local:
-  counted as the tokens gathered over the axis with all experts computed for them (x e). Measured
-  on Ling-1T (batch 512, model=8): e = 8 needed 288 GiB per device (this model: ~300), e = 128 /
-  256 needed 306 / 341 GiB (this model: far more); either way such meshes do not fit.
-  "ragged" / "blocked": one argsort of all B*T*k assignments of the GLOBAL batch, which GSPMD
-  cannot split, so every device holds the sorted rows and outputs [B*T*k, D] and [B*T*k, F] x3
-  (measured on Ling-1T: the compiler asked for 563 GiB per device; this model says more).
+  `moe_dispatch` and the mesh. Under a mesh the routed experts run per shard (ling_jax/layers/moe.py:
+  a shard_map over the batch axes), so every buffer is sized by the device's own N tokens; F below
+  is the expert width over the model axis (each device computes its F-slice).
+  expert = 1: every device runs all E experts on its tokens. "dense": [N, E, F] x3 and [N, E, D];
+  "ragged" / "blocked": the N*k expert-sorted assignments, [N*k, D] x2 and [N*k, F] x3 (blocked
+  adds at most E*(b-1) padding rows, not counted).
+  expert = e > 1 (ling_jax/layers/expert_parallel.py, dropless): each device receives a buffer of
+  C = N rows from each of the e shards, so it computes e*N received rows with its E/e experts,
+  kl = min(k, E/e) expert slots a row; the send / receive buffers of x and of the outputs add
+  4 x [e*N, D]. "dense": [e*N, E/e, F] x3 and [e*N, E/e, D] (the same as expert = 1);
+  "ragged" / "blocked": [e*N*kl, D] x2 and [e*N*kl, F] x3.
+  (Before the per-shard dispatch, ragged / blocked sorted the GLOBAL batch's assignments, which
+  GSPMD cannot split: Ling-1T at batch 512 on v5p:16x16x16 needed 563 GiB per device.)
 - logits: [N, V] float32 for the main head and each MTP head, plus one gradient of that size.
 - gathered weights: FSDP all-gathers one layer's weights (in `dtype`) for its matmuls and
   produces that layer's full weight gradient before the reduce-scatter.
@@ -59,15 +62,19 @@ def _split(size: int, ways: int) -> int:
     return math.ceil(size / ways)
 
 
-def dispatch_bytes(cfg: ModelConfig, tokens: int, global_tokens: int, expert_ways: int, model_ways: int) -> int:
-    """MoE dispatch buffers of one layer on one device (see the module docstring)."""
+def dispatch_bytes(cfg: ModelConfig, tokens: int, expert_ways: int, model_ways: int) -> int:
+    """MoE dispatch buffers of one layer on one device with `tokens` local tokens (module docstring)."""
     dt = np.dtype(cfg.dtype).itemsize
     E, k, D = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size
     F = _split(cfg.moe_intermediate_size, model_ways)
+    rows, experts, exchange = tokens, E, 0
+    if expert_ways > 1:
+        rows, experts = expert_ways * tokens, E // expert_ways
+        exchange = 4 * rows * D * dt
     if cfg.moe_dispatch == "dense":
-        return expert_ways * (3 * tokens * E * F * dt + tokens * E * D * dt)
-    rows = global_tokens * k
-    return 2 * rows * D * dt + 3 * rows * F * dt
+        return exchange + 3 * rows * experts * F * dt + rows * experts * D * dt
+    assignments = rows * min(k, experts)
+    return exchange + 2 * assignments * D * dt + 3 * assignments * F * dt
 
 
 def layer_activations(cfg: ModelConfig, tokens: int, seqs: int, model_ways: int, is_moe: bool,
@@ -127,7 +134,7 @@ def activation_breakdown(cfg: ModelConfig, batch_size: int, seq_len: int, mesh_s
     tokens = seqs * seq_len
     dt = np.dtype(cfg.dtype).itemsize
     dense = layer_activations(cfg, tokens, seqs, model_ways, is_moe=False)
-    dispatch = dispatch_bytes(cfg, tokens, batch_size * seq_len, mesh_sizes["expert"], model_ways)
+    dispatch = dispatch_bytes(cfg, tokens, mesh_sizes["expert"], model_ways)
     moe = layer_activations(cfg, tokens, seqs, model_ways, is_moe=True, dispatch=dispatch)
     stack_layers = ((cfg.num_dense_layers, dense), (cfg.num_moe_layers, moe))
     saved = sum(n * _saved_per_layer(layer, cfg.remat_policy) for n, layer in stack_layers)

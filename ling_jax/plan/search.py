@@ -12,12 +12,11 @@ order, no overlap, used only to order candidates):
   reduce-scattered once, in the compute dtype: 3 x shard bytes x (fsdp - 1).
 - data: gradient all-reduce, 2 x gradient bytes x (data - 1) / data.
 - model: per layer 2 all-reduces of the [N, D] activations forward and 2 backward.
-- expert: the dispatch is written over the global batch (no explicit expert parallelism), so
-  with experts and tokens split on the same axis GSPMD all-gathers each MoE layer's tokens over
-  it: forward, backward recompute and the reduce-scatter of their gradient,
-  3 x N x D x (expert - 1) per MoE layer. (An all-to-all expert-parallel dispatch would move
-  about 4 x N x k x D x (expert - 1) / expert instead.) The memory side of expert > 1 is in
-  ling_jax/plan/activations.py: measured on Ling-1T, such meshes needed 288-341 GiB per device.
+- expert: the routed experts run per shard (ling_jax/layers/expert_parallel.py): tokens go to
+  the shards holding their experts in fixed-size all-to-alls of [expert, N, D] buffers (dropless),
+  of which (expert - 1) / expert leave the device; per MoE layer the tokens and the outputs
+  forward, again in the backward recompute, and the two transposes in the backward:
+  6 x N x D x (expert - 1).
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def communication_bytes(exp: Experiment, cand: Candidate) -> float:
     layers = cfg.num_layers + cfg.num_mtp_layers
     total += 4 * layers * 2 * tokens * cfg.hidden_size * dt * (mesh["model"] - 1) / mesh["model"]
     moe_layers = cfg.num_moe_layers + cfg.num_mtp_layers
-    total += 3 * moe_layers * tokens * cfg.hidden_size * dt * (mesh["expert"] - 1)
+    total += 6 * moe_layers * tokens * cfg.hidden_size * dt * (mesh["expert"] - 1)
     return total
 
 
