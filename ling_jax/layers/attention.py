@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ling_jax.config import ModelConfig
+from ling_jax.layers.attention_core import causal_query_chunks, dot_product_attention
 from ling_jax.layers.basic import RMSNorm, param_with_axes, projection
 from ling_jax.layers.rope import apply_rope
 
@@ -41,7 +41,6 @@ class Attention(nn.Module):
         cfg = self.config
         dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
         H, K, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        G = H // K
 
         def proj(name, heads, axes):
             return projection(cfg, (D, heads, Dh), ("embed", axes, "head_dim"), name)
@@ -68,14 +67,9 @@ class Attention(nn.Module):
             new_cache = KVCache(k_BSKd, v_BSKd)
             k_BTKd, v_BTKd = k_BSKd.astype(dtype), v_BSKd.astype(dtype)
 
-        B, T = x_BTD.shape[:2]
-        q_BTKGd = q_BTHd.reshape(B, T, K, G, Dh)  # query head h uses kv head h // G
-        scores_BKGTS = jnp.einsum("BTKGd,BSKd->BKGTS", q_BTKGd, k_BTKd, preferred_element_type=jnp.float32)
-        scores_BKGTS = scores_BKGTS / math.sqrt(Dh)
-        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-        out_BTKGd = jnp.einsum("BKGTS,BSKd->BTKGd", probs_BKGTS, v_BTKd)
-        out_BTHd = out_BTKGd.reshape(B, T, H, Dh)
+        # Without a cache the keys are the queries' own slots (causal): chunk the queries (attention_core).
+        chunks = 1 if cache is not None else causal_query_chunks(x_BTD.shape[1])
+        out_BTHd = dot_product_attention(q_BTHd, k_BTKd, v_BTKd, mask_BTS, query_chunks=chunks)
         out_BTD = projection(cfg, (H, Dh, D), ("q_heads", "head_dim", "embed"), "o_proj", contract=2)(
             "BTHd,HdD->BTD", out_BTHd
         )
