@@ -13,6 +13,7 @@ import pytest
 from ling_jax.config import MOE_DISPATCHES, ModelConfig
 from ling_jax.layers import dispatch_blocked as db
 from ling_jax.layers.dispatch import DISPATCHERS, ExpertWeights, auto_block_size, default_dispatch, dispatch
+from ling_jax.layers.grouped_matmul import is_hopper
 from ling_jax.layers.moe import MoE
 
 
@@ -156,7 +157,8 @@ def test_auto_block_size():
 
 def test_default_dispatch_and_registry():
     assert default_dispatch("cpu") == "blocked"
-    assert default_dispatch("TPU") == "ragged" and default_dispatch("gpu") == "ragged"
+    assert default_dispatch("TPU") == "ragged"
+    assert default_dispatch("gpu") == ("ragged" if is_hopper() else "dense")
     with pytest.raises(ValueError, match="platform"):
         default_dispatch("abacus")
     assert set(DISPATCHERS) <= set(MOE_DISPATCHES)

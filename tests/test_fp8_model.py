@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,6 @@ import numpy as np
 import pytest
 
 from conftest import random_variables, tiny_config
-from ling_jax.layers import moe as moe_module
-from ling_jax.layers import routing
 from ling_jax.layers.fp8 import FP8_STATS
 from ling_jax.loss import causal_lm_targets, lm_loss
 from ling_jax.model import LingModel
@@ -68,11 +65,8 @@ def test_fp8_off_head_is_unchanged():
 
 
 @pytest.fixture
-def pallas_router(monkeypatch):
-    """The model with router_impl="pallas". Until moe.py forwards `cfg.router_impl` to `route` (one
-    keyword, see routing.route), `route` is given that default here; once it does, the config's value
-    (the same) wins."""
-    monkeypatch.setattr(moe_module, "route", functools.partial(routing.route, impl="pallas"))
+def pallas_router():
+    """The tiny model with router_impl="pallas" (moe.py passes it to `routing.route`)."""
     return tiny_config(router_impl="pallas")
 
 

@@ -54,12 +54,12 @@ def test_grouped_matmul_equals_ragged_dot(m, k, n, sizes):
 
 def test_path_selection():
     lhs = jnp.zeros((256, 256), jnp.bfloat16)
-    assert gm.mgpu_supported(lhs, jnp.zeros((4, 256, 128), jnp.bfloat16)) == gm._is_hopper()
+    assert gm.mgpu_supported(lhs, jnp.zeros((4, 256, 128), jnp.bfloat16)) == gm.is_hopper()
     assert not gm.mgpu_supported(lhs, jnp.zeros((4, 256, 100), jnp.bfloat16))  # N not tile-aligned
     assert not gm.mgpu_supported(lhs.astype(jnp.float32), jnp.zeros((4, 256, 128), jnp.float32))
 
 
-@pytest.mark.skipif(not gm._is_hopper(), reason="the Mosaic-GPU kernels need a Hopper GPU")
+@pytest.mark.skipif(not gm.is_hopper(), reason="the Mosaic-GPU kernels need a Hopper GPU")
 def test_mgpu_path_is_taken_on_hopper():
     lhs, rhs, sizes_G, _ = _operands(*CASES[0][:3], CASES[0][3], jnp.bfloat16)
     hlo = jax.jit(gm.grouped_matmul).lower(lhs, rhs, sizes_G).as_text()

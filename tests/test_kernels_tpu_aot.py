@@ -108,19 +108,9 @@ def test_topk_router_compiles_for_tpu(mesh):
 TRAIN_B, TRAIN_T = 8, 128
 
 
-@pytest.fixture
-def pallas_router(monkeypatch):
-  """router_impl="pallas" in the model. Until moe.py forwards `cfg.router_impl` to `route` (one
-  keyword), `route` gets that default here; once it does, the config's (equal) value wins."""
-  import functools
-
-  from ling_jax.layers import moe as moe_module
-  from ling_jax.layers import routing
-  monkeypatch.setattr(moe_module, "route", functools.partial(routing.route, impl="pallas"))
-
-
-def test_train_step_with_both_kernels_compiles_for_tpu(mesh, pallas_router):
-  """`make_train_step` for a tiny model with fp8="pallas" and router_impl="pallas", traced on the
+def test_train_step_with_both_kernels_compiles_for_tpu(mesh):
+  """`make_train_step` for a tiny model with fp8="pallas" (projections, lm_head and, through the blocked
+  dispatch, the routed experts) and router_impl="pallas", traced on the
   CPU host under the topology's mesh (so the kernels lower for TPU, see
   ling_jax.layers.fp8.pallas_interpret), lowered with sharded abstract inputs and compiled."""
   import flax.linen as nn
@@ -137,7 +127,7 @@ def test_train_step_with_both_kernels_compiles_for_tpu(mesh, pallas_router):
       intermediate_size=256, num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
       num_shared_experts=1, moe_intermediate_size=128, first_k_dense_replace=1, num_mtp_layers=1,
       mtp_loss_weight=0.1, max_position_embeddings=256, rope_theta=10000.0, init_std=0.02,
-      moe_dispatch="dense", fp8="pallas", router_impl="pallas")
+      moe_dispatch="blocked", fp8="pallas", router_impl="pallas")  # blocked: FP8 routed experts too
   train_cfg = TrainConfig(batch_size=TRAIN_B, seq_len=TRAIN_T, warmup_steps=2)
   topo_mesh = build_mesh(dict(data=-1, fsdp=1, expert=1, model=1), list(mesh.devices.flat))
   optimizer = make_optimizer(train_cfg)

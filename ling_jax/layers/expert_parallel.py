@@ -119,12 +119,13 @@ def _pack(x_nD, ids_nk, weights_nk, *, num_shards: int, experts_per_shard: int, 
     return x_PCD, local_PCk, weights_PCk, row_token_PC, dropped
 
 
-def _local_dispatch(x_MD, ids_Mk, weights_Mk, experts: ExpertWeights, impl: str, block_size: int | None):
+def _local_dispatch(x_MD, ids_Mk, weights_Mk, experts: ExpertWeights, impl: str, block_size: int | None,
+                    fp8_impl: str | None = None):
     if impl not in _NATIVE_EMPTY_SLOTS:  # route empty slots to expert 0 with weight 0 (exact, wasteful)
         empty_Mk = ids_Mk < 0
         ids_Mk = jnp.where(empty_Mk, 0, ids_Mk)
         weights_Mk = jnp.where(empty_Mk, jnp.zeros_like(weights_Mk), weights_Mk)
-    return dispatch(x_MD, ids_Mk, weights_Mk, experts, impl=impl, block_size=block_size)
+    return dispatch(x_MD, ids_Mk, weights_Mk, experts, impl=impl, block_size=block_size, fp8_impl=fp8_impl)
 
 
 def expert_parallel_dispatch_with_stats(
@@ -140,6 +141,7 @@ def expert_parallel_dispatch_with_stats(
     block_size: int | None = None,
     capacity_factor: float | None = None,
     model_axis: str | None = None,
+    fp8_impl: str | None = None,
 ) -> ExpertParallelOutput:
     """Routed-expert output y [N, D] with experts sharded over `expert_axis` of `mesh`, plus the count
     of dropped assignments (see module docstring). Call under `jax.jit`; inputs are global arrays.
@@ -152,7 +154,7 @@ def expert_parallel_dispatch_with_stats(
     `model_axis` (a mesh axis, or None): the experts' hidden width F stays split over it (gate / up
     [El, D, F / m], down [El, F / m, D]); tokens are replicated over it, every device computes its
     F-slice of each expert and the partial outputs are summed with one `psum` over `model_axis`
-    (tensor parallelism inside the experts, exact up to summation order).
+    (tensor parallelism inside the experts, exact up to summation order). `fp8_impl`: see `dispatch`.
     """
     if expert_axis not in mesh.axis_names:
         raise ValueError(f"expert_axis {expert_axis!r} is not an axis of the mesh {mesh.axis_names}")
@@ -181,7 +183,7 @@ def expert_parallel_dispatch_with_stats(
         kl = ids_PCk.shape[-1]
         y_MD = _local_dispatch(
             x_PCD.reshape(P * C, -1), ids_PCk.reshape(P * C, kl), w_PCk.reshape(P * C, kl),
-            ExpertWeights(gate_EDF, up_EDF, down_EFD), local_impl, block_size,
+            ExpertWeights(gate_EDF, up_EDF, down_EFD), local_impl, block_size, fp8_impl,
         )
         y_PCD = exchange(y_MD.reshape(P, C, -1))
         y_nD = jnp.zeros_like(x_nD).at[row_token_PC].add(y_PCD.astype(x_nD.dtype), mode="drop")
@@ -237,6 +239,7 @@ def per_shard_dispatch(
     expert_axis: str = "expert",
     model_axis: str = "model",
     block_size: int | None = None,
+    fp8_impl: str | None = None,
 ) -> jax.Array:
     """Dropless y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) [N, D], each device dispatching
     only its own tokens (`jax.shard_map`; call under `jax.jit`, inputs are global arrays).
@@ -247,6 +250,7 @@ def per_shard_dispatch(
     sharded over token axes such as fsdp at entry) and runs `dispatch(..., impl=impl)` on its tokens.
     Either way the experts' width F stays split over `model_axis` when it is a mesh axis of size > 1
     (tokens are replicated over it; partial outputs are summed with `psum`). ids must lie in [0, E).
+    `fp8_impl`: see `dispatch`.
     """
     tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
     use_model = model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes
@@ -254,7 +258,7 @@ def per_shard_dispatch(
     if expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
         return expert_parallel_dispatch_with_stats(
             x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=tok_axes,
-            local_impl=impl, block_size=block_size, model_axis=model,
+            local_impl=impl, block_size=block_size, model_axis=model, fp8_impl=fp8_impl,
         ).y_ND
     N, shards = ids_Nk.shape[0], token_shards(mesh, tok_axes)
     if N % shards:
@@ -262,7 +266,7 @@ def per_shard_dispatch(
 
     def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
         y_nD = dispatch(x_nD, ids_nk, weights_nk, ExpertWeights(gate_EDF, up_EDF, down_EFD), impl=impl,
-                        block_size=block_size)
+                        block_size=block_size, fp8_impl=fp8_impl)
         return lax.psum(y_nD, model) if model is not None else y_nD
 
     token_spec = PartitionSpec(tok_axes, None)

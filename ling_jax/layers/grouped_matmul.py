@@ -26,7 +26,8 @@ MGPU_TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, 
 MGPU_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def _is_hopper() -> bool:
+def is_hopper() -> bool:
+    """Whether the default backend is a Hopper GPU (compute capability 9.x)."""
     if jax.default_backend() != "gpu":
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "")
@@ -38,7 +39,7 @@ def mgpu_supported(lhs_MK: jax.Array, rhs_GKN: jax.Array) -> bool:
     K, N = rhs_GKN.shape[1], rhs_GKN.shape[2]
     t = MGPU_TILES
     return (
-        _is_hopper()
+        is_hopper()
         and lhs_MK.dtype == rhs_GKN.dtype
         and lhs_MK.dtype in MGPU_DTYPES
         and K % t["block_k"] == 0 and K % t["block_m"] == 0  # K is the drhs kernel's M
@@ -87,4 +88,4 @@ def grouped_matmul(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Arr
     return lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G)
 
 
-__all__ = ["MGPU_TILES", "grouped_matmul", "mgpu_supported"]
+__all__ = ["MGPU_TILES", "grouped_matmul", "is_hopper", "mgpu_supported"]

@@ -32,6 +32,7 @@ from ling_jax.layers.basic import param_with_axes
 from ling_jax.layers.dispatch import ExpertWeights, default_dispatch, dispatch
 from ling_jax.layers.expert_parallel import per_shard_dispatch, token_shards
 from ling_jax.layers.mlp import MLP
+from ling_jax.layers.pallas_target import kernel_platform
 from ling_jax.layers.routing import expert_counts, route
 
 EXPERT_BIAS = "expert_bias"  # variable collection of the aux-loss-free routing biases (float32)
@@ -57,12 +58,14 @@ def dispatch_mesh(num_tokens: int):
     return mesh if shards > 1 and num_tokens % shards == 0 else None
 
 
-def routed_experts(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str) -> jax.Array:
-    """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), per shard under a mesh, else global."""
+def routed_experts(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str,
+                   fp8_impl: str | None = None) -> jax.Array:
+    """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), per shard under a mesh, else global.
+    `fp8_impl`: the model's FP8 mode for the expert GEMMs (see `dispatch`)."""
     mesh = dispatch_mesh(x_ND.shape[0])
     if mesh is None:
-        return dispatch(x_ND, ids_Nk, weights_Nk, experts, impl=impl)
-    return per_shard_dispatch(x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, impl=impl)
+        return dispatch(x_ND, ids_Nk, weights_Nk, experts, impl=impl, fp8_impl=fp8_impl)
+    return per_shard_dispatch(x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, impl=impl, fp8_impl=fp8_impl)
 
 
 class MoE(nn.Module):
@@ -95,10 +98,12 @@ class MoE(nn.Module):
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
             routed_scaling_factor=cfg.routed_scaling_factor,
+            impl=cfg.router_impl,
         )
         experts = ExpertWeights(*(w.astype(dtype) for w in experts))
-        impl = default_dispatch(jax.default_backend()) if cfg.moe_dispatch == "auto" else cfg.moe_dispatch
-        y_ND = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl)
+        # "auto" follows the platform the step is traced for (a TPU topology mesh on a CPU host: TPU's).
+        impl = default_dispatch(kernel_platform()) if cfg.moe_dispatch == "auto" else cfg.moe_dispatch
+        y_ND = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl, fp8_impl=cfg.fp8)
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:
             y_BTD = y_BTD + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x_BTD)

@@ -137,7 +137,7 @@ def pallas_scaled_matmul(a_q_MKp, a_s_MKb, b_q_KpN, b_s, *, b_block_scales: bool
           b_s_spec,
       ],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=common.out_struct((mp, np_), out_dtype, a_q, b_q),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),

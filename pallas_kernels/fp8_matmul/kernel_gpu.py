@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels import common
 from pallas_kernels.fp8_matmul.config import QUANT_BLOCK, Fp8MatmulConfig
 from pallas_kernels.fp8_matmul.quantize import round_up
 from pallas_kernels.fp8_matmul.reference import b_scales_per_column, check_gemm_operands
@@ -80,7 +81,7 @@ def pallas_scaled_matmul_gpu(a_q_MKp, a_s_MKb, b_q_KpN, b_s, *, b_block_scales: 
           pl.BlockSpec((kb, bn), lambda i, j: (0, j)),
       ],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=common.out_struct((mp, np_), out_dtype, a_q, b_q),
       compiler_params=pl_triton.CompilerParams(num_warps=config.gpu_num_warps,
                                                num_stages=config.gpu_num_stages),
       interpret=bool(config.interpret),
