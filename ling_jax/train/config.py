@@ -159,10 +159,9 @@ def ling2_config(*, layers: int, hidden: int, heads: int, kv_heads: int, dense_w
         topk_group=4, num_shared_experts=1, moe_intermediate_size=expert_width, first_k_dense_replace=dense_layers,
         num_mtp_layers=1, mtp_loss_weight=0.1, routed_scaling_factor=2.5, partial_rotary_factor=0.5,
         rope_theta=10000.0, max_position_embeddings=4096, dtype="bfloat16", remat_policy="save_dots",
-        # "ragged"/"blocked" sort the whole global batch's assignments in one argsort, which GSPMD
-        # cannot split over a pod (see benchmarks/README.md, plan section); until the MoE dispatch runs
-        # per batch shard under shard_map, the partitionable one-hot "dense" path is the pod default.
-        moe_dispatch="dense",
+        # "auto": the platform's dispatch (ragged on TPU and Hopper GPUs), run per batch shard under a
+        # mesh (ling_jax/layers/moe.py); benchmarks/README.md's plan section has the compiled figures.
+        moe_dispatch="auto",
     )
     config.data.tokenizer = "tokenizer.json"  # the official Ling tokenizer, provided by the user
     config.train.update(batch_size=batch_size, seq_len=4096, learning_rate=learning_rate, warmup_steps=2000,
