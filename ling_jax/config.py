@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_moe_out")
-MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked")  # auto: ling_jax.layers.dispatch.default_dispatch
+MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked")  # auto: see ling_jax/layers/moe.py
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_MODES = ("off", "xla", "pallas")  # FP8 projections: off, the XLA reference path, the Pallas kernel
 ROUTER_IMPLS = ("xla", "pallas")  # group-limited sigmoid top-k: lax.top_k, or the Pallas router kernel
@@ -91,7 +91,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    moe_dispatch: str = "auto"  # per platform: "blocked" on CPU, "ragged" (grouped GEMM) on TPU/GPU
+    moe_dispatch: str = "auto"  # blocked on CPU and with fp8, else ragged (TPU, Hopper GPUs) or dense (other GPUs)
     fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/layers/fp8.py)
     router_impl: str = "xla"  # pallas_kernels/topk_router impl; "pallas" = the kernel (interpreted on CPU)
 

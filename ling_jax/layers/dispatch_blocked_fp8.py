@@ -201,8 +201,9 @@ def _bwd(static: _Static, residuals, dy_ND):
         x_ND, dy_ND.astype(x_ND.dtype), row_weight_R, qw, layout, static, gu_R2F
     )
     dweights_Nk = _take_rows(dweight_R, layout.pos_M).reshape(N, k)
-    cts = (dx_ND.astype(x_ND.dtype), dweights_Nk.astype(weights_Nk.dtype), dgate_up_ED2F[:, :, :F].astype(gate_EDF.dtype),
-           dgate_up_ED2F[:, :, F:].astype(up_EDF.dtype), ddown_EFD.astype(down_EFD.dtype))
+    cts = (dx_ND.astype(x_ND.dtype), dweights_Nk.astype(weights_Nk.dtype),
+           dgate_up_ED2F[:, :, :F].astype(gate_EDF.dtype), dgate_up_ED2F[:, :, F:].astype(up_EDF.dtype),
+           ddown_EFD.astype(down_EFD.dtype))
     primals = (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)
     return (*(_reduce_to_vma(ct, p) for ct, p in zip(cts, primals)), None)
 

@@ -101,8 +101,11 @@ class MoE(nn.Module):
             impl=cfg.router_impl,
         )
         experts = ExpertWeights(*(w.astype(dtype) for w in experts))
-        # "auto" follows the platform the step is traced for (a TPU topology mesh on a CPU host: TPU's).
-        impl = default_dispatch(kernel_platform()) if cfg.moe_dispatch == "auto" else cfg.moe_dispatch
+        # "auto" follows the platform the step is traced for (a TPU topology mesh on a CPU host: TPU's), except
+        # in FP8 mode, where it is "blocked", the dispatch with FP8 routed experts.
+        impl = cfg.moe_dispatch
+        if impl == "auto":
+            impl = "blocked" if cfg.fp8 != "off" else default_dispatch(kernel_platform())
         y_ND = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl, fp8_impl=cfg.fp8)
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:
