@@ -26,11 +26,14 @@ Cost model (f = 6 * D * F, the FLOPs of one SwiGLU expert on one row):
             into a float32 [N, D] loop carry (in place); expert weights are read by dynamic index (no
             gathered [Q, D, F] copies); dW accumulates in place in a float32 [E, D, 2F] / [E, F, D]
             carry. No [M, D]-sized buffer is materialised.
+  steps     blocks smaller than STEP_ROWS rows go P = STEP_ROWS // b to a loop step, as one batched
+            matmul with the P blocks' weights gathered ([P, D, 2F], a small copy); see STEP_ROWS.
 
 Measured on a 2-core CPU (N 8192, D 512, F 256, E 64, k 8, float32, forward + backward vs a dense
 SwiGLU with the same activated FLOPs as plain 2-D matmuls): routed part alone 1.21x (b = 256)
 single-threaded; the whole MoE layer (benchmarks/moe_layer.py) 1.25x single-threaded and 1.3-1.5x
-with 2 threads (shared machine). At N 1024 (128 rows per expert) per-block overheads and the fixed
+with 2 threads (shared machine; 1.53-1.56x on the idle host on 2026-11-30, where the dense floor gains
+more from the second core than the small per-block matmuls do). At N 1024 (128 rows per expert) per-block overheads and the fixed
 E * D * F costs (gate|up concatenation, zeroing and writing the weight gradients) weigh more: 2.1x
 for the layer (single-threaded); two separate gate / up matmuls per block would save the concatenation
 there (measured 2.0x) but lose at N 8192 (1.30x instead of 1.25x for the routed part).
@@ -57,6 +60,15 @@ import jax.numpy as jnp
 from jax import lax
 
 MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 8, 256
+# Rows per loop step: small blocks are grouped P = max(1, STEP_ROWS // b) to a step and multiplied as one
+# batched matmul with their gathered [P, D, 2F] weights (fewer loop steps; XLA:CPU spreads the batched
+# matmul over both cores). Measured paired on the 2-core host, bench train step (b = 128): P = 2 0.94x
+# the step time of P = 1, P = 4 0.96x; MoE layer at N 8192 (b = 256): P = 2 no faster than P = 1.
+STEP_ROWS = 256
+
+
+def blocks_per_step(block_size: int) -> int:
+    return max(1, STEP_ROWS // block_size)
 
 
 class BlockLayout(NamedTuple):
@@ -167,31 +179,54 @@ def _block_inputs(layout: BlockLayout, block_size: int, row_weight_R, *per_row):
     return (jnp.arange(Q, dtype=jnp.int32), layout.block_expert_Q, *blocked)
 
 
+def _step_inputs(layout: BlockLayout, block_size: int, num_tokens: int, row_weight_R, *per_row):
+    """Scan inputs, P = blocks_per_step(b) blocks a step: block indices [S, P], experts [S, P], the rows'
+    tokens [S, P, b] and weights [S, P, b], then `per_row` arrays [S, P, b, ...]. The Q blocks are padded
+    to S * P with empty blocks (index >= Q: past the used ones; tokens N: read as zeros, dropped on write;
+    weight 0) of the last block's expert."""
+    P, b = blocks_per_step(block_size), block_size
+    Q = layout.block_expert_Q.shape[0]
+    pad = -Q % P
+    S = (Q + pad) // P
+
+    def pad_rows(a, value):
+        return jnp.pad(a, [(0, pad * b)] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+
+    q_SP = jnp.arange(S * P, dtype=jnp.int32).reshape(S, P)
+    e_SP = jnp.pad(layout.block_expert_Q, (0, pad), mode="edge").reshape(S, P)
+    token_SPb = pad_rows(layout.row_token_R, num_tokens).reshape(S, P, b)
+    rest = [pad_rows(a, 0).reshape(S, P, b, *a.shape[1:]) for a in (row_weight_R, *per_row)]
+    return (q_SP, e_SP, token_SPb, *rest)
+
+
 def _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout: BlockLayout, block_size: int):
-    """y [N, D] (float32) = sum over rows r of weight_r * expert(x[token_r]), scatter-added per block,
+    """y [N, D] (float32) = sum over rows r of weight_r * expert(x[token_r]), scatter-added per step,
     and the saved pre-activations [g | u] of every row, [R, 2F]."""
     gate_up_ED2F, down_EFD = fused
-    b, F2 = block_size, gate_up_ED2F.shape[2]
+    P, b, F2 = blocks_per_step(block_size), block_size, gate_up_ED2F.shape[2]
+    N, D = x_ND.shape
+    R = layout.row_token_R.shape[0]
     vma = _vma(x_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R)
 
-    def block(y_ND, inp):
-        q, e, token_b, weight_b = inp
+    def step(y_ND, inp):
+        q_P, e_P, token_Pb, weight_Pb = inp
 
         def compute(y_ND):
-            x_bD = _take_rows(x_ND, token_b)
-            gu_b2F = x_bD @ gate_up_ED2F[e]
-            g_bF, u_bF = jnp.split(gu_b2F, 2, axis=1)
-            out_bD = (jax.nn.silu(g_bF) * u_bF) @ down_EFD[e]
-            y_ND = y_ND.at[token_b].add((out_bD * weight_b[:, None]).astype(y_ND.dtype), mode="drop")
-            return y_ND, gu_b2F
+            tokens = token_Pb.reshape(P * b)
+            x_PbD = _take_rows(x_ND, tokens).reshape(P, b, D)
+            gu_Pb2F = jnp.einsum("PbD,PDF->PbF", x_PbD, gate_up_ED2F[e_P])
+            g_PbF, u_PbF = jnp.split(gu_Pb2F, 2, axis=-1)
+            out_PbD = jnp.einsum("PbF,PFD->PbD", jax.nn.silu(g_PbF) * u_PbF, down_EFD[e_P])
+            contrib = (out_PbD * weight_Pb[..., None]).reshape(P * b, D).astype(y_ND.dtype)
+            return y_ND.at[tokens].add(contrib, mode="drop"), gu_Pb2F
 
         def skip(y_ND):
-            return y_ND, _zeros((b, F2), x_ND.dtype, vma)
+            return y_ND, _zeros((P, b, F2), x_ND.dtype, vma)
 
-        return lax.cond(q < layout.num_used_blocks, compute, skip, y_ND)
+        return lax.cond(q_P[0] < layout.num_used_blocks, compute, skip, y_ND)
 
-    y_ND, gu_Qb2F = lax.scan(block, _zeros(x_ND.shape, jnp.float32, vma), _block_inputs(layout, b, row_weight_R))
-    return y_ND, gu_Qb2F.reshape(-1, F2)
+    y_ND, gu_SPb2F = lax.scan(step, _zeros(x_ND.shape, jnp.float32, vma), _step_inputs(layout, b, N, row_weight_R))
+    return y_ND, gu_SPb2F.reshape(-1, F2)[:R]
 
 
 def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, block_size: int, gu_R2F):
@@ -199,48 +234,52 @@ def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, b
     accumulated in float32.
 
     Per block, dyW = dy @ down^T serves both the routing-weight gradient <out, dy> = <h, dyW> and
-    dh = w * dyW, so the forward's expert outputs need not be kept.
+    dh = w * dyW, so the forward's expert outputs need not be kept. The weight gradients of a step's
+    blocks are scatter-added by expert (two blocks of one expert add up).
     """
     gate_up_ED2F, down_EFD = fused
-    b, F = block_size, down_EFD.shape[1]
+    P, b, F = blocks_per_step(block_size), block_size, down_EFD.shape[1]
+    N, D = x_ND.shape
+    R = layout.row_token_R.shape[0]
     f32 = jnp.float32
     vma = _vma(x_ND, dy_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R, gu_R2F)
 
-    def block(carry, inp):
-        q, e, token_b, weight_b, gu_b2F = inp
+    def step(carry, inp):
+        q_P, e_P, token_Pb, weight_Pb, gu_Pb2F = inp
 
         def compute(carry):
             dx_ND, dgate_EDF, dup_EDF, ddown_EFD = carry
-            x_bD = _take_rows(x_ND, token_b)
-            dy_bD = _take_rows(dy_ND, token_b)
-            g_bF, u_bF = jnp.split(gu_b2F, 2, axis=1)
-            a_bF, dsilu_bF = _silu_and_grad(g_bF)
-            h_bF = a_bF * u_bF
-            dyW_bF = dy_bD @ down_EFD[e].T
-            dweight_b = jnp.sum((h_bF * dyW_bF).astype(f32), axis=1)
-            ddown_EFD = ddown_EFD.at[e].add(
-                jnp.einsum("bF,bD->FD", h_bF * weight_b[:, None], dy_bD, preferred_element_type=f32)
+            tokens = token_Pb.reshape(P * b)
+            x_PbD = _take_rows(x_ND, tokens).reshape(P, b, D)
+            dy_PbD = _take_rows(dy_ND, tokens).reshape(P, b, D)
+            g_PbF, u_PbF = jnp.split(gu_Pb2F, 2, axis=-1)
+            a_PbF, dsilu_PbF = _silu_and_grad(g_PbF)
+            h_PbF = a_PbF * u_PbF
+            dyW_PbF = jnp.einsum("PbD,PFD->PbF", dy_PbD, down_EFD[e_P])
+            dweight_Pb = jnp.sum((h_PbF * dyW_PbF).astype(f32), axis=-1)
+            ddown_EFD = ddown_EFD.at[e_P].add(
+                jnp.einsum("PbF,PbD->PFD", h_PbF * weight_Pb[..., None], dy_PbD, preferred_element_type=f32)
             )
-            dh_bF = dyW_bF * weight_b[:, None]
-            dgu_b2F = jnp.concatenate([dh_bF * u_bF * dsilu_bF, dh_bF * a_bF], axis=1)
-            dgate_up_D2F = jnp.einsum("bD,bF->DF", x_bD, dgu_b2F, preferred_element_type=f32)
-            dgate_EDF = dgate_EDF.at[e].add(dgate_up_D2F[:, :F])  # separate carries: no split copy
-            dup_EDF = dup_EDF.at[e].add(dgate_up_D2F[:, F:])
-            dx_bD = dgu_b2F @ gate_up_ED2F[e].T
-            dx_ND = dx_ND.at[token_b].add(dx_bD.astype(f32), mode="drop")
-            return (dx_ND, dgate_EDF, dup_EDF, ddown_EFD), dweight_b
+            dh_PbF = dyW_PbF * weight_Pb[..., None]
+            dgu_Pb2F = jnp.concatenate([dh_PbF * u_PbF * dsilu_PbF, dh_PbF * a_PbF], axis=-1)
+            dgate_up_PD2F = jnp.einsum("PbD,PbF->PDF", x_PbD, dgu_Pb2F, preferred_element_type=f32)
+            dgate_EDF = dgate_EDF.at[e_P].add(dgate_up_PD2F[..., :F])  # separate carries: no split copy
+            dup_EDF = dup_EDF.at[e_P].add(dgate_up_PD2F[..., F:])
+            dx_PbD = jnp.einsum("PbF,PDF->PbD", dgu_Pb2F, gate_up_ED2F[e_P])
+            dx_ND = dx_ND.at[tokens].add(dx_PbD.reshape(P * b, D).astype(f32), mode="drop")
+            return (dx_ND, dgate_EDF, dup_EDF, ddown_EFD), dweight_Pb
 
         def skip(carry):
-            return carry, _zeros((b,), f32, vma)
+            return carry, _zeros((P, b), f32, vma)
 
-        return lax.cond(q < layout.num_used_blocks, compute, skip, carry)
+        return lax.cond(q_P[0] < layout.num_used_blocks, compute, skip, carry)
 
-    E, D = down_EFD.shape[0], x_ND.shape[1]
+    E = down_EFD.shape[0]
     carry0 = tuple(_zeros(shape, f32, vma) for shape in (x_ND.shape, (E, D, F), (E, D, F), (E, F, D)))
-    (dx_ND, dgate_EDF, dup_EDF, ddown_EFD), dweight_Qb = lax.scan(
-        block, carry0, _block_inputs(layout, b, row_weight_R, gu_R2F)
+    (dx_ND, dgate_EDF, dup_EDF, ddown_EFD), dweight_SPb = lax.scan(
+        step, carry0, _step_inputs(layout, b, N, row_weight_R, gu_R2F)
     )
-    return dx_ND, dweight_Qb.reshape(-1), dgate_EDF, dup_EDF, ddown_EFD
+    return dx_ND, dweight_SPb.reshape(-1)[:R], dgate_EDF, dup_EDF, ddown_EFD
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
