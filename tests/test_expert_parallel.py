@@ -161,3 +161,21 @@ def test_capacity_drops_are_counted(results):
 
 if __name__ == "__main__":
     print(json.dumps(worker()))
+
+
+def test_uneven_splits_are_refused_with_the_sizes():
+    """Checked before any shard_map is built, so an abstract mesh (no devices) is enough."""
+    import jax.numpy as jnp
+    from jax.sharding import AbstractMesh
+
+    from ling_jax.layers.dispatch import ExpertWeights
+    from ling_jax.layers.expert_parallel import expert_parallel_dispatch_with_stats, per_shard_dispatch
+
+    experts = ExpertWeights(jnp.zeros((6, 4, 2)), jnp.zeros((6, 4, 2)), jnp.zeros((6, 2, 4)))
+    x, ids, w = jnp.zeros((5, 4)), jnp.zeros((5, 2), jnp.int32), jnp.zeros((5, 2))
+    with pytest.raises(ValueError, match=r"5 tokens do not split evenly over token axes \('data',\) \(2 shards\)"):
+        per_shard_dispatch(x, ids, w, experts, mesh=AbstractMesh((2,), ("data",)), impl="blocked")
+    with pytest.raises(ValueError, match=r"6 experts do not split evenly over expert axis 'expert' of size 4"):
+        expert_parallel_dispatch_with_stats(x, ids, w, experts, mesh=AbstractMesh((4,), ("expert",)))
+    with pytest.raises(ValueError, match=r"5 tokens do not split evenly over token axes \('expert',\) \(3 shards\)"):
+        expert_parallel_dispatch_with_stats(x, ids, w, experts, mesh=AbstractMesh((3,), ("expert",)))

@@ -166,12 +166,11 @@ def expert_parallel_dispatch_with_stats(
     N, k = ids_Nk.shape
     E = experts.gate_EDF.shape[0]
     P = mesh.shape[expert_axis]
-    token_shards = math.prod(mesh.shape[a] for a in tok_axes)
+    shards = token_shards(mesh, tok_axes)
     if E % P:
         raise ValueError(f"{E} experts do not split evenly over expert axis {expert_axis!r} of size {P}")
-    if N % token_shards:
-        raise ValueError(f"{N} tokens do not split evenly over token axes {tok_axes} ({token_shards} shards)")
-    n, El = N // token_shards, E // P
+    _check_token_split(N, shards, tok_axes)
+    n, El = N // shards, E // P
     C = send_capacity(n, k, P, capacity_factor)
 
     def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
@@ -202,29 +201,14 @@ def expert_parallel_dispatch_with_stats(
     return ExpertParallelOutput(y_ND, dropped)
 
 
-def expert_parallel_dispatch(
-    x_ND: jax.Array,
-    ids_Nk: jax.Array,
-    weights_Nk: jax.Array,
-    experts: ExpertWeights,
-    *,
-    mesh: Mesh | AbstractMesh,
-    expert_axis: str = "expert",
-    token_axes: Sequence[str] = BATCH_AXES,
-    local_impl: str = "blocked",
-    block_size: int | None = None,
-) -> jax.Array:
-    """Dropless expert-parallel y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), [N, D]; equal to
-    `dispatch(..., impl="dense")` on one device. See `expert_parallel_dispatch_with_stats`."""
-    return expert_parallel_dispatch_with_stats(
-        x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=token_axes,
-        local_impl=local_impl, block_size=block_size,
-    ).y_ND
-
-
 def token_shards(mesh: Mesh | AbstractMesh, token_axes: Sequence[str] = BATCH_AXES) -> int:
     """How many ways `mesh` splits the tokens: the product of its `token_axes` sizes (1 without a mesh)."""
     return math.prod(mesh.shape[a] for a in token_axes if a in mesh.axis_names) if not mesh.empty else 1
+
+
+def _check_token_split(num_tokens: int, shards: int, tok_axes: tuple[str, ...]) -> None:
+    if num_tokens % shards:
+        raise ValueError(f"{num_tokens} tokens do not split evenly over token axes {tok_axes} ({shards} shards)")
 
 
 def per_shard_dispatch(
@@ -260,9 +244,7 @@ def per_shard_dispatch(
             x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=tok_axes,
             local_impl=impl, block_size=block_size, model_axis=model, fp8_impl=fp8_impl,
         ).y_ND
-    N, shards = ids_Nk.shape[0], token_shards(mesh, tok_axes)
-    if N % shards:
-        raise ValueError(f"{N} tokens do not split evenly over token axes {tok_axes} ({shards} shards)")
+    _check_token_split(ids_Nk.shape[0], token_shards(mesh, tok_axes), tok_axes)
 
     def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
         y_nD = dispatch(x_nD, ids_nk, weights_nk, ExpertWeights(gate_EDF, up_EDF, down_EFD), impl=impl,
