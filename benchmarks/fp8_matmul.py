@@ -100,9 +100,8 @@ def bench_size(size: int, impl: str, warmup: int, repeats: int, gpu_config: str 
     row[name + "_ms"] = round(median_ms(fn, x, w, dy, warmup=warmup, repeats=repeats), 3)
   flops = 2.0 * size ** 3
   # The scaled GEMM alone, on operands quantized beforehand (the op's time minus quantization).
-  static = fp8_ops._Static(impl=impl, out_dtype=jnp.dtype(jnp.bfloat16),
-                           config=parse_gpu_config(gpu_config) if gpu_config else Fp8MatmulConfig())
-  gemm = jax.jit(lambda a_q, a_s, b_q, b_s: fp8_ops._gemm(static)(
+  scaled_gemm = fp8_ops.scaled_gemm(impl, parse_gpu_config(gpu_config) if gpu_config else None)
+  gemm = jax.jit(lambda a_q, a_s, b_q, b_s: scaled_gemm(
       a_q, a_s, b_q, b_s, b_block_scales=True, out_dtype=jnp.bfloat16))
   operands = (*quantize_tiles(x), *quantize_blocks(w))
   row["fp8_gemm_only_ms"] = round(median_ms(gemm, *operands, warmup=warmup, repeats=repeats), 3)

@@ -15,10 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.layers.pallas_target import kernel_platform, pallas_interpret, per_row_shard
-from pallas_kernels import common
 from pallas_kernels.fp8_matmul import Fp8MatmulConfig, blockwise_fp8_matmul, quantize_blocks, quantize_tiles
-from pallas_kernels.fp8_matmul import kernel as fp8_kernel
-from pallas_kernels.fp8_matmul import kernel_gpu as fp8_kernel_gpu
+from pallas_kernels.fp8_matmul import ops as fp8_ops
 from pallas_kernels.fp8_matmul import reference as fp8_reference
 from pallas_kernels.fp8_matmul.config import QUANT_BLOCK
 
@@ -31,30 +29,9 @@ def fp8_config() -> Fp8MatmulConfig:
 
 
 def scaled_gemm(impl: str) -> fp8_reference.ScaledGemm:
-    """The blockwise-scaled GEMM on pre-quantized operands that `blockwise_fp8_matmul(impl=...)` runs
-    (for callers that quantize once and multiply many times, like the routed experts): "xla" the
-    reference, "pallas" the Mosaic kernel (Triton on GPU), falling back to the reference with the
-    op's one-time warning when the kernel refuses a problem."""
-    if impl == "xla":
-        return fp8_reference.scaled_matmul_reference
-    if impl != "pallas":
-        raise ValueError(f"fp8 impl must be 'xla' or 'pallas', got {impl!r}")
-    config = fp8_config()
-    on_gpu = kernel_platform() == "gpu"
-
-    def gemm(*operands, b_block_scales: bool, out_dtype):
-        try:
-            if on_gpu:
-                return fp8_kernel_gpu.pallas_scaled_matmul_gpu(
-                    *operands, b_block_scales=b_block_scales, out_dtype=out_dtype, config=config)
-            return fp8_kernel.pallas_scaled_matmul(
-                *operands, b_block_scales=b_block_scales, out_dtype=out_dtype, config=config)
-        except NotImplementedError as err:
-            common.warn_fallback_once("blockwise_fp8_matmul", str(err))
-            return fp8_reference.scaled_matmul_reference(
-                *operands, b_block_scales=b_block_scales, out_dtype=out_dtype)
-
-    return gemm
+    """The FP8 matmul op's scaled GEMM (`pallas_kernels.fp8_matmul.ops.scaled_gemm`) for pre-quantized
+    operands, with the kernel chosen and compiled for the traced program's target platform."""
+    return fp8_ops.scaled_gemm(impl, fp8_config(), kernel_platform())
 
 
 def _dequantize(q, scales, rows, cols, block_rows: int):

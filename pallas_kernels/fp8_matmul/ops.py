@@ -36,23 +36,36 @@ class _Static:
   config: Fp8MatmulConfig
 
 
-def _gemm(static: _Static) -> reference.ScaledGemm:
-  if static.impl == "xla":
-    return reference.scaled_matmul_reference
+def scaled_gemm(impl: str, config: Fp8MatmulConfig | None = None, platform: str | None = None
+                ) -> reference.ScaledGemm:
+  """The blockwise-scaled GEMM on quantized operands that `blockwise_fp8_matmul(impl=...)` runs, for
+  callers that quantize once and multiply many times (e.g. the routed experts).
 
-  pallas_kernel = (kernel_gpu.pallas_scaled_matmul_gpu if jax.default_backend() == "gpu"
-                   else kernel.pallas_scaled_matmul)
+  impl "xla": the reference. "pallas": the Triton kernel when `platform` (default: the default
+  backend) is "gpu", else the Mosaic kernel (compiled on TPU, interpreted on CPU); a problem the
+  kernel refuses (NotImplementedError) runs the reference, with a one-time warning.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "xla":
+    return reference.scaled_matmul_reference
+  config = config if config is not None else Fp8MatmulConfig()
+  on_gpu = (platform or jax.default_backend()) == "gpu"
+  pallas_kernel = kernel_gpu.pallas_scaled_matmul_gpu if on_gpu else kernel.pallas_scaled_matmul
 
   def pallas_gemm(*operands, b_block_scales, out_dtype):
     try:
-      return pallas_kernel(*operands, b_block_scales=b_block_scales,
-                                         out_dtype=out_dtype, config=static.config)
+      return pallas_kernel(*operands, b_block_scales=b_block_scales, out_dtype=out_dtype, config=config)
     except NotImplementedError as err:
       _warn_once(str(err))
       return reference.scaled_matmul_reference(*operands, b_block_scales=b_block_scales,
                                                out_dtype=out_dtype)
 
   return pallas_gemm
+
+
+def _gemm(static: _Static) -> reference.ScaledGemm:
+  return scaled_gemm(static.impl, static.config)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
