@@ -184,19 +184,17 @@ def _step_inputs(layout: BlockLayout, block_size: int, num_tokens: int, row_weig
     tokens [S, P, b] and weights [S, P, b], then `per_row` arrays [S, P, b, ...]. The Q blocks are padded
     to S * P with empty blocks (index >= Q: past the used ones; tokens N: read as zeros, dropped on write;
     weight 0) of the last block's expert."""
-    P, b = blocks_per_step(block_size), block_size
-    Q = layout.block_expert_Q.shape[0]
+    P = blocks_per_step(block_size)
+    _, e_Q, token_Qb, *rest_Qb = _block_inputs(layout, block_size, row_weight_R, *per_row)
+    Q = e_Q.shape[0]
     pad = -Q % P
-    S = (Q + pad) // P
 
-    def pad_rows(a, value):
-        return jnp.pad(a, [(0, pad * b)] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+    def steps(a, **pad_mode):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), **pad_mode)
+        return a.reshape(a.shape[0] // P, P, *a.shape[1:])
 
-    q_SP = jnp.arange(S * P, dtype=jnp.int32).reshape(S, P)
-    e_SP = jnp.pad(layout.block_expert_Q, (0, pad), mode="edge").reshape(S, P)
-    token_SPb = pad_rows(layout.row_token_R, num_tokens).reshape(S, P, b)
-    rest = [pad_rows(a, 0).reshape(S, P, b, *a.shape[1:]) for a in (row_weight_R, *per_row)]
-    return (q_SP, e_SP, token_SPb, *rest)
+    return (jnp.arange(Q + pad, dtype=jnp.int32).reshape(-1, P), steps(e_Q, mode="edge"),
+            steps(token_Qb, constant_values=num_tokens), *(steps(a) for a in rest_Qb))
 
 
 def _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout: BlockLayout, block_size: int):
