@@ -52,6 +52,7 @@ def test_valid_config_and_derived_values():
         (dict(param_dtype="bf16"), r"param_dtype must be one of .*got 'bf16'"),
         (dict(remat_policy="everything"), r"remat_policy must be one of .*got 'everything'"),
         (dict(moe_dispatch="megablox"), r"moe_dispatch must be one of .*got 'megablox'"),
+        (dict(router_impl="triton"), r"router_impl must be one of .*got 'triton'"),
         (dict(eos_token_id=64), r"eos_token_id \(64\) must be in \[0, vocab_size=64\)"),
         (dict(pad_token_id=-1), r"pad_token_id \(-1\) must be in \[0, vocab_size=64\)"),
         (dict(hidden_size=-32), r"hidden_size must be a positive integer, got -32"),
