@@ -92,6 +92,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     moe_dispatch: str = "auto"  # blocked on CPU and with fp8, else ragged (TPU, Hopper GPUs) or dense (other GPUs)
+    # 0: dropless. > 0: expert-parallel buffers sized for cf x the mean load, drops counted in the train
+    # metrics as moe_dropped (ling_jax/layers/expert_parallel.py); no effect without an expert mesh axis.
+    moe_capacity_factor: float = 0.0
     fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/layers/fp8.py)
     router_impl: str = "xla"  # pallas_kernels/topk_router impl; "pallas" = the kernel (interpreted on CPU)
 
@@ -193,6 +196,8 @@ class ModelConfig:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             raise ConfigError(f"moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+        if not self.moe_capacity_factor >= 0:
+            raise ConfigError(f"moe_capacity_factor must be >= 0 (0: dropless), got {self.moe_capacity_factor}")
         if self.fp8 not in FP8_MODES:
             raise ConfigError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
         if self.router_impl not in ROUTER_IMPLS:

@@ -29,12 +29,16 @@ CASES = {
     "data2_expert4_dense": ({"data": 2, "expert": 4}, "dense", "uniform", None),
     "data2_expert4_ragged": ({"data": 2, "expert": 4}, "ragged", "uniform", None),
     "data2_expert4_capacity": ({"data": 2, "expert": 4}, "blocked", "uniform", 0.5),
+    # cf 1: no send drops (C = n) but the receivers keep n * k of their P * n * kl slots
+    "expert8_capacity1_same_k": ({"expert": 8}, "blocked", "same_k", 1.0),
+    "data2_expert4_capacity1_ragged": ({"data": 2, "expert": 4}, "ragged", "uniform", 1.0),
 }
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 
-def expected_keep_mask(ids_Nk, token_shards: int, num_shards: int, capacity: int):
-    """numpy: which assignments survive a per-destination send capacity (tokens in order, first come)."""
+def expected_keep_mask(ids_Nk, token_shards: int, num_shards: int, capacity: int, receive_capacity: int):
+    """numpy: which assignments survive a per-destination send capacity (tokens in order, first come),
+    then the receiver's capacity (assignments in arrival order: source shard, token, slot)."""
     import numpy as np
 
     ids_Nk = np.asarray(ids_Nk)
@@ -49,6 +53,17 @@ def expected_keep_mask(ids_Nk, token_shards: int, num_shards: int, capacity: int
                     sent += 1
                     if sent > capacity:
                         keep[t] &= ~on_p
+    # Token shards are numbered expert-axis fastest, so receiver p of group g hears sources g * P + q.
+    for g in range(token_shards // num_shards):
+        for p in range(num_shards):
+            arrived = 0
+            for q in range(num_shards):
+                s = g * num_shards + q
+                for t in range(s * n, (s + 1) * n):
+                    for j in range(ids_Nk.shape[1]):
+                        if ids_Nk[t, j] // El == p and keep[t, j]:
+                            arrived += 1
+                            keep[t, j] = arrived <= receive_capacity
     return keep
 
 
@@ -61,7 +76,7 @@ def worker() -> dict:
     from jax.sharding import AxisType, Mesh
 
     from ling_jax.layers.dispatch import ExpertWeights, dispatch
-    from ling_jax.layers.expert_parallel import expert_parallel_dispatch_with_stats, send_capacity
+    from ling_jax.layers.expert_parallel import expert_parallel_dispatch_with_stats, receive_capacity, send_capacity
 
     kx, kw, ki, ke, kc = jax.random.split(jax.random.PRNGKey(0), 5)
     x_ND = jax.random.normal(kx, (N, D))
@@ -90,7 +105,8 @@ def worker() -> dict:
         token_shards = int(np.prod([sizes.get(a, 1) for a in TOKEN_AXES]))
         P = sizes["expert"]
         capacity = send_capacity(N // token_shards, K, P, capacity_factor)
-        keep_Nk = jnp.asarray(expected_keep_mask(ids_Nk, token_shards, P, capacity))
+        received = receive_capacity(N // token_shards, K, P, capacity_factor, capacity, min(K, E // P))
+        keep_Nk = jnp.asarray(expected_keep_mask(ids_Nk, token_shards, P, capacity, received))
 
         def ep(x, w, ex):
             out = expert_parallel_dispatch_with_stats(
@@ -121,6 +137,8 @@ def worker() -> dict:
             "dropped": int(dropped),
             "expected_dropped": int((~keep_Nk).sum()),
             "capacity": capacity,
+            "receive_capacity": received,
+            "received_slots": P * capacity * min(K, E // P),
         }
     return results
 
@@ -157,6 +175,17 @@ def test_capacity_drops_are_counted(results):
     assert case["capacity"] < N // 8  # the buffers really are smaller than dropless
     assert case["expected_dropped"] > 0
     assert case["dropped"] == case["expected_dropped"]
+
+
+@pytest.mark.parametrize("name", ["expert8_capacity1_same_k", "data2_expert4_capacity1_ragged"])
+def test_receive_capacity_compacts_and_counts(results, name):
+    """cf 1: the local dispatch runs n * k rows, not P * n * kl; what does not fit is dropped and counted
+    (same_k sends every assignment to shards 0 and 1, so those receivers overflow)."""
+    case = results[name]
+    assert case["receive_capacity"] == (N // 8) * K < case["received_slots"]  # 8 token shards of n = N / 8
+    assert case["dropped"] == case["expected_dropped"]
+    if name.endswith("same_k"):
+        assert case["expected_dropped"] > 0
 
 
 if __name__ == "__main__":

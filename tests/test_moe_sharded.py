@@ -100,6 +100,16 @@ def layer_worker() -> dict:
                 errors["d" + jax.tree_util.keystr(path)] = _max_rel(g, r)
             results[impl][name] = {"errors": errors, "marks": marks,
                                    "counts_equal": bool(np.array_equal(np.asarray(counts), np.asarray(counts_ref)))}
+    # moe_capacity_factor reaches the expert-parallel dispatch, and its drops reach RouterStats.
+    mesh = _mesh(MESHES["fsdp=4,expert=2"])
+    results["dropped"] = {}
+    for cf in (0.0, 0.25):
+        module = MoE(ModelConfig(**base, moe_capacity_factor=cf))
+        variables = nn.unbox(module.init(kp, x_BTD, mask_BT))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            x = jax.device_put(x_BTD, NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, None)))
+            _, stats = jax.jit(module.apply)(variables, x, mask_BT)
+        results["dropped"][str(cf)] = int(stats.dropped)
     return results
 
 
@@ -208,6 +218,11 @@ def fast_results():
 def step_results():
     """Compiled train-step gradients: 1 device + 3 meshes, two impls (~2-3 min on 2 cores)."""
     return _run_worker("step")["step"]
+
+
+def test_capacity_factor_drops_reach_router_stats(fast_results):
+    dropped = fast_results["layer"]["dropped"]
+    assert dropped["0.0"] == 0 < dropped["0.25"]
 
 
 @pytest.mark.parametrize("impl", LAYER_IMPLS)

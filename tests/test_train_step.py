@@ -62,6 +62,7 @@ def test_cli_train_writes_metrics_per_logged_step(smoke_run):
             assert key in r, (key, sorted(r))
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
         assert r["skipped_steps"] == 0
+        assert r["moe_dropped"] == 0  # dropless by default
         # loss = CE + mtp_loss_weight (0.1 in tiny.py) * MTP CE
         assert r["loss"] == pytest.approx(r["ce_loss"] + 0.1 * r["mtp_loss"], rel=1e-6)
     # WSM: linear warmup from 0 over train.warmup_steps (2 here), then constant. Step s (1-based)

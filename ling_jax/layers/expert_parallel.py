@@ -39,10 +39,19 @@ P * n * D values (fixed-size all-to-all; the buffers carry padding), the same as
 the tokens over the expert axis, versus at most n * min(k, P) * D useful ones (with Ling's group-
 limited routing and P = n_group, a token reaches at most topk_group shards). The local compute only
 runs the rows actually received, but its static buffers are sized for P * C * kl assignments (the
-blocked layout's [R, 2F] activations). `capacity_factor` bounds C = min(n, ceil(cf * n * k / P)) to
-shrink buffers and traffic; tokens beyond C for a destination are dropped there (their other shards
-still compute) and counted. A `lax.ragged_all_to_all` exchange would send only the useful rows; it
-is not used here because XLA:CPU, where this is tested, does not implement it.
+blocked layout's [R, 2F] activations; "ragged" even computes every slot): 8x the n * k of a device
+without expert parallelism at P = 8, k = 8. A dropless static bound cannot be smaller: every token of
+the P sources may route all its experts to one shard.
+
+`capacity_factor` (cf) trades that bound for drops, counted:
+- send: C = min(n, ceil(cf * n * k / P)) tokens per destination; tokens beyond C for a destination are
+  dropped there (their other shards still compute);
+- receive: the received assignments are compacted, in arrival order (source shard, then token, then
+  slot), into A = min(P * C * kl, P * ceil(cf * n * k / P)) single-expert rows, about cf times the
+  n * k a device receives under balanced routing; the local dispatch runs on those A rows and the ones
+  past A are dropped.
+A `lax.ragged_all_to_all` exchange would send only the useful rows (its receive buffer still needs a
+static bound); it is not used here because XLA:CPU, where this is tested, does not implement it.
 
 Gradients (x, routing weights, expert weights) flow through the all-to-alls (their transpose is the
 reverse all-to-all), the model-axis psum (x is replicated over that axis and meets F-sliced
@@ -80,6 +89,33 @@ def send_capacity(tokens_per_device: int, top_k: int, num_shards: int, capacity_
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
     return max(1, min(tokens_per_device, math.ceil(capacity_factor * tokens_per_device * top_k / num_shards)))
+
+
+def receive_capacity(tokens_per_device: int, top_k: int, num_shards: int, capacity_factor: float | None,
+                     send_rows: int, slots: int) -> int:
+    """Assignments A the local dispatch runs per device: every received slot, P * C * kl (dropless), or
+    min(that, P * ceil(cf * n * k / P))."""
+    received = num_shards * send_rows * slots
+    if capacity_factor is None:
+        return received
+    return min(received, num_shards * math.ceil(capacity_factor * tokens_per_device * top_k / num_shards))
+
+
+def _compact(ids_Mk, weights_Mk, capacity: int):
+    """The first `capacity` valid (id >= 0) assignments of the received rows, in row-major order, as
+    single-expert rows: received row [A] (M: none), id [A] (-1: none), weight [A], and how many valid
+    assignments did not fit."""
+    M, kl = ids_Mk.shape
+    ids_Mkf, weights_Mkf = ids_Mk.reshape(-1), weights_Mk.reshape(-1)
+    valid = ids_Mkf >= 0
+    pos = jnp.cumsum(valid, dtype=jnp.int32) - 1
+    keep = valid & (pos < capacity)
+    slot = jnp.where(keep, pos, capacity)  # out of range: dropped by the scatters
+    row = jnp.arange(M * kl, dtype=jnp.int32) // kl
+    row_A = jnp.full((capacity,), M, jnp.int32).at[slot].set(row, mode="drop")
+    ids_A = jnp.full((capacity,), -1, ids_Mk.dtype).at[slot].set(ids_Mkf, mode="drop")
+    weights_A = jnp.zeros((capacity,), weights_Mk.dtype).at[slot].set(weights_Mkf, mode="drop")
+    return row_A, ids_A, weights_A, jnp.sum(valid & ~keep, dtype=jnp.int32)
 
 
 def _pack(x_nD, ids_nk, weights_nk, *, num_shards: int, experts_per_shard: int, capacity: int):
@@ -172,6 +208,7 @@ def expert_parallel_dispatch_with_stats(
     _check_token_split(N, shards, tok_axes)
     n, El = N // shards, E // P
     C = send_capacity(n, k, P, capacity_factor)
+    A = receive_capacity(n, k, P, capacity_factor, C, min(k, El))
 
     def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
         x_PCD, ids_PCk, w_PCk, row_token_PC, dropped = _pack(
@@ -180,10 +217,16 @@ def expert_parallel_dispatch_with_stats(
         exchange = lambda a: lax.all_to_all(a, expert_axis, 0, 0, tiled=True)  # noqa: E731
         x_PCD, ids_PCk, w_PCk = exchange(x_PCD), exchange(ids_PCk), exchange(w_PCk)
         kl = ids_PCk.shape[-1]
-        y_MD = _local_dispatch(
-            x_PCD.reshape(P * C, -1), ids_PCk.reshape(P * C, kl), w_PCk.reshape(P * C, kl),
-            ExpertWeights(gate_EDF, up_EDF, down_EFD), local_impl, block_size, fp8_impl,
-        )
+        x_MD, ids_Mk, w_Mk = x_PCD.reshape(P * C, -1), ids_PCk.reshape(P * C, kl), w_PCk.reshape(P * C, kl)
+        local = ExpertWeights(gate_EDF, up_EDF, down_EFD)
+        if A < P * C * kl:  # compact the received assignments into A single-expert rows
+            row_A, ids_A, w_A, dropped_here = _compact(ids_Mk, w_Mk, A)
+            x_AD = x_MD.at[row_A].get(mode="fill", fill_value=0)
+            y_AD = _local_dispatch(x_AD, ids_A[:, None], w_A[:, None], local, local_impl, block_size, fp8_impl)
+            y_MD = jnp.zeros_like(y_AD, shape=x_MD.shape).at[row_A].add(y_AD, mode="drop")
+            dropped = dropped + dropped_here
+        else:
+            y_MD = _local_dispatch(x_MD, ids_Mk, w_Mk, local, local_impl, block_size, fp8_impl)
         y_PCD = exchange(y_MD.reshape(P, C, -1))
         y_nD = jnp.zeros_like(x_nD).at[row_token_PC].add(y_PCD.astype(x_nD.dtype), mode="drop")
         if model_axis is not None:  # each device holds its F-slice's share of every output
@@ -223,10 +266,12 @@ def per_shard_dispatch(
     expert_axis: str = "expert",
     model_axis: str = "model",
     block_size: int | None = None,
+    capacity_factor: float | None = None,
     fp8_impl: str | None = None,
-) -> jax.Array:
-    """Dropless y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) [N, D], each device dispatching
-    only its own tokens (`jax.shard_map`; call under `jax.jit`, inputs are global arrays).
+) -> ExpertParallelOutput:
+    """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) [N, D] and the dropped-assignment count,
+    each device dispatching only its own tokens (`jax.shard_map`; call under `jax.jit`, inputs are
+    global arrays).
 
     Tokens are split over the `token_axes` present in `mesh`. With `expert_axis` of size > 1 the
     experts are split over it and exchanged with all-to-all (`expert_parallel_dispatch_with_stats`,
@@ -234,7 +279,8 @@ def per_shard_dispatch(
     sharded over token axes such as fsdp at entry) and runs `dispatch(..., impl=impl)` on its tokens.
     Either way the experts' width F stays split over `model_axis` when it is a mesh axis of size > 1
     (tokens are replicated over it; partial outputs are summed with `psum`). ids must lie in [0, E).
-    `fp8_impl`: see `dispatch`.
+    `capacity_factor` applies to expert parallelism only (module docstring; None: dropless); without
+    it nothing is dropped. `fp8_impl`: see `dispatch`.
     """
     tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
     use_model = model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes
@@ -242,8 +288,9 @@ def per_shard_dispatch(
     if expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
         return expert_parallel_dispatch_with_stats(
             x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=tok_axes,
-            local_impl=impl, block_size=block_size, model_axis=model, fp8_impl=fp8_impl,
-        ).y_ND
+            local_impl=impl, block_size=block_size, capacity_factor=capacity_factor, model_axis=model,
+            fp8_impl=fp8_impl,
+        )
     _check_token_split(ids_Nk.shape[0], token_shards(mesh, tok_axes), tok_axes)
 
     def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
@@ -253,7 +300,8 @@ def per_shard_dispatch(
 
     token_spec = PartitionSpec(tok_axes, None)
     in_EDF, out_EFD = PartitionSpec(None, None, model), PartitionSpec(None, model, None)
-    return jax.shard_map(
+    y_ND = jax.shard_map(
         per_device, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, in_EDF, in_EDF, out_EFD),
         out_specs=token_spec,
     )(x_ND, ids_Nk, weights_Nk, *experts)
+    return ExpertParallelOutput(y_ND, jnp.zeros((), jnp.int32))

@@ -30,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ling_jax.config import ModelConfig
 from ling_jax.layers.basic import param_with_axes
 from ling_jax.layers.dispatch import ExpertWeights, default_dispatch, dispatch
-from ling_jax.layers.expert_parallel import per_shard_dispatch, token_shards
+from ling_jax.layers.expert_parallel import ExpertParallelOutput, per_shard_dispatch, token_shards
 from ling_jax.layers.mlp import MLP
 from ling_jax.layers.pallas_target import kernel_platform
 from ling_jax.layers.routing import expert_counts, route
@@ -46,6 +46,7 @@ class RouterStats(NamedTuple):
     logits_BTE: jax.Array
     ids_BTk: jax.Array
     weights_BTk: jax.Array
+    dropped: jax.Array  # int32 []: assignments dropped for lack of expert-parallel capacity (0 when dropless)
 
 
 def dispatch_mesh(num_tokens: int):
@@ -59,13 +60,16 @@ def dispatch_mesh(num_tokens: int):
 
 
 def routed_experts(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str,
-                   fp8_impl: str | None = None) -> jax.Array:
-    """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), per shard under a mesh, else global.
-    `fp8_impl`: the model's FP8 mode for the expert GEMMs (see `dispatch`)."""
+                   capacity_factor: float | None = None, fp8_impl: str | None = None) -> ExpertParallelOutput:
+    """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), per shard under a mesh, else global, and
+    the dropped-assignment count (`capacity_factor`: expert parallelism only, see
+    ling_jax/layers/expert_parallel.py). `fp8_impl`: the model's FP8 mode for the expert GEMMs."""
     mesh = dispatch_mesh(x_ND.shape[0])
     if mesh is None:
-        return dispatch(x_ND, ids_Nk, weights_Nk, experts, impl=impl, fp8_impl=fp8_impl)
-    return per_shard_dispatch(x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, impl=impl, fp8_impl=fp8_impl)
+        y_ND = dispatch(x_ND, ids_Nk, weights_Nk, experts, impl=impl, fp8_impl=fp8_impl)
+        return ExpertParallelOutput(y_ND, jnp.zeros((), jnp.int32))
+    return per_shard_dispatch(x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, impl=impl,
+                              capacity_factor=capacity_factor, fp8_impl=fp8_impl)
 
 
 class MoE(nn.Module):
@@ -106,7 +110,8 @@ class MoE(nn.Module):
         impl = cfg.moe_dispatch
         if impl == "auto":
             impl = "blocked" if cfg.fp8 != "off" else default_dispatch(kernel_platform())
-        y_ND = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl, fp8_impl=cfg.fp8)
+        y_ND, dropped = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl,
+                                       capacity_factor=cfg.moe_capacity_factor or None, fp8_impl=cfg.fp8)
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:
             y_BTD = y_BTD + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x_BTD)
@@ -115,5 +120,6 @@ class MoE(nn.Module):
             logits_BTE=logits_NE.reshape(B, T, E),
             ids_BTk=ids_Nk.reshape(B, T, -1),
             weights_BTk=weights_Nk.reshape(B, T, -1),
+            dropped=dropped,
         )
         return checkpoint_name(y_BTD, "moe_out"), stats

@@ -175,6 +175,7 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
                     "load_max_over_mean": float(np.mean(m["load_max_over_mean"])),
                     "load_cv": float(np.mean(m["load_cv"])),
                     "skipped_steps": int(state.skipped_steps),
+                    "moe_dropped": int(m["moe_dropped"]),  # this step's; always 0 unless moe_capacity_factor > 0
                 }
                 if "z_loss" in m:
                     record["z_loss"] = float(m["z_loss"])
