@@ -29,7 +29,7 @@ CASES = {
     "data2_expert4_dense": ({"data": 2, "expert": 4}, "dense", "uniform", None),
     "data2_expert4_ragged": ({"data": 2, "expert": 4}, "ragged", "uniform", None),
     "data2_expert4_capacity": ({"data": 2, "expert": 4}, "blocked", "uniform", 0.5),
-    # cf 1: no send drops (C = n) but the receivers keep n * k of their P * n * kl slots
+    # cf 1: the receivers run n * k of their P * C * kl slots (expert8 also halves C: ceil(n * k / P) = n / 2)
     "expert8_capacity1_same_k": ({"expert": 8}, "blocked", "same_k", 1.0),
     "data2_expert4_capacity1_ragged": ({"data": 2, "expert": 4}, "ragged", "uniform", 1.0),
 }

@@ -92,7 +92,8 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train
             _optimizer_count(state.opt_state, state.step)),
         finite=finite,
         expert_counts=counts_main,
-        moe_dropped=sum((jnp.sum(r.dropped) for r in (router, mtp_router) if r is not None), jnp.zeros((), jnp.int32)),
+        moe_dropped=sum((jnp.sum(r.dropped) for r in (router, mtp_router) if r is not None),
+                        jnp.zeros((), jnp.int32)),
         **load_metrics(counts_main if counts_main.shape[0] else jnp.ones((1, model_cfg.num_experts))),
     )
     return new_state, metrics
