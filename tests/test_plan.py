@@ -172,6 +172,21 @@ def test_expert_parallel_dispatch_buffers():
     assert activation_breakdown(cfg, 16, 128, mesh)["  of which MoE dispatch"] == 2 * expected  # + gradients
 
 
+def test_expert_parallel_dispatch_buffers_with_capacity_factor():
+    """cf > 0: send buffers of C = min(N, ceil(cf*N*k/e)) rows and A = min(e*C*kl, e*ceil(cf*N*k/e))
+    compacted assignments (ling_jax/layers/expert_parallel.py)."""
+    exp = preset("tiny")
+    cfg = exp.model.replace(moe_dispatch="ragged", dtype="float32", moe_capacity_factor=0.5)
+    E, k, D, F = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    mesh = {"data": 1, "fsdp": 1, "expert": 8, "model": 1}
+    tokens = 16 * 128 // 8
+    C = min(tokens, math.ceil(0.5 * tokens * k / 8))
+    A = min(8 * C * min(k, E // 8), 8 * math.ceil(0.5 * tokens * k / 8))
+    assert C < tokens and A < 8 * C * min(k, E // 8)  # both bounds bind here
+    expected = 4 * 8 * C * D * 4 + 2 * A * D * 4 + 3 * A * F * 4
+    assert activation_breakdown(cfg, 16, 128, mesh)["  of which MoE dispatch"] == 2 * expected  # + gradients
+
+
 # --------------------------------------------------------------------------- FLOPs
 def test_program_flops_apply_scan_length_and_match_xla_without_loops():
     def layer(h, w):

@@ -25,6 +25,8 @@ Terms (each is a line of the breakdown):
   kl = min(k, E/e) expert slots a row; the send / receive buffers of x and of the outputs add
   4 x [e*N, D]. "dense": [e*N, E/e, F] x3 and [e*N, E/e, D] (the same as expert = 1);
   "ragged" / "blocked": [e*N*kl, D] x2 and [e*N*kl, F] x3.
+  With `moe_capacity_factor` cf > 0 the send buffers hold C = min(N, ceil(cf*N*k/e)) rows each and
+  "ragged" / "blocked" run A = min(e*C*kl, e*ceil(cf*N*k/e)) compacted assignments instead of e*C*kl.
   (Before the per-shard dispatch, ragged / blocked sorted the GLOBAL batch's assignments, which
   GSPMD cannot split: Ling-1T at batch 512 on v5p:16x16x16 needed 563 GiB per device.)
 - logits: [N, V] float32 for the main head and each MTP head, plus one gradient of that size.
@@ -40,6 +42,7 @@ import math
 import numpy as np
 
 from ling_jax.config import ModelConfig
+from ling_jax.layers.expert_parallel import receive_capacity, send_capacity
 from ling_jax.sharding.rules import BATCH_AXES
 
 F32 = 4  # bytes
@@ -68,12 +71,15 @@ def dispatch_bytes(cfg: ModelConfig, tokens: int, expert_ways: int, model_ways: 
     E, k, D = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size
     F = _split(cfg.moe_intermediate_size, model_ways)
     rows, experts, exchange = tokens, E, 0
+    assignments = tokens * k
     if expert_ways > 1:
-        rows, experts = expert_ways * tokens, E // expert_ways
+        cf = cfg.moe_capacity_factor or None
+        C = send_capacity(tokens, k, expert_ways, cf)
+        rows, experts = expert_ways * C, E // expert_ways
         exchange = 4 * rows * D * dt
+        assignments = receive_capacity(tokens, k, expert_ways, cf, C, min(k, experts))
     if cfg.moe_dispatch == "dense":
         return exchange + 3 * rows * experts * F * dt + rows * experts * D * dt
-    assignments = rows * min(k, experts)
     return exchange + 2 * assignments * D * dt + 3 * assignments * F * dt
 
 
