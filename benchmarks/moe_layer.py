@@ -61,7 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--expert-width", type=int, default=256)
     p.add_argument("--shared", type=int, default=1)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--paths", default=",".join(MOE_DISPATCHES), help="comma-separated moe_dispatch values")
+    # "auto" is an alias (blocked on CPU), not a path of its own.
+    p.add_argument("--paths", default=",".join(d for d in MOE_DISPATCHES if d != "auto"),
+                   help="comma-separated moe_dispatch values")
     p.add_argument("--runs", type=int, default=7, help="timed rounds of the default CPU path vs the floor")
     p.add_argument("--ref-runs", type=int, default=1, help="timed rounds of the other (slow) paths")
     p.add_argument("--ref-tokens", type=int, default=1024,
