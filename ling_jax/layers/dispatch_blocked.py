@@ -32,11 +32,12 @@ Cost model (f = 6 * D * F, the FLOPs of one SwiGLU expert on one row):
 Measured on a 2-core CPU (N 8192, D 512, F 256, E 64, k 8, float32, forward + backward vs a dense
 SwiGLU with the same activated FLOPs as plain 2-D matmuls): routed part alone 1.21x (b = 256)
 single-threaded; the whole MoE layer (benchmarks/moe_layer.py) 1.25x single-threaded and 1.3-1.5x
-with 2 threads (shared machine; 1.53-1.56x on the idle host on 2026-11-30, where the dense floor gains
-more from the second core than the small per-block matmuls do). At N 1024 (128 rows per expert) per-block overheads and the fixed
-E * D * F costs (gate|up concatenation, zeroing and writing the weight gradients) weigh more: 2.1x
-for the layer (single-threaded); two separate gate / up matmuls per block would save the concatenation
-there (measured 2.0x) but lose at N 8192 (1.30x instead of 1.25x for the routed part).
+with 2 threads (shared machine; 1.52-1.62x on the idle host on 2026-11-30, where the dense floor
+gains more from the second core than the small per-block matmuls do). At N 1024 (128 rows per expert)
+per-block overheads and the fixed E * D * F costs (gate|up concatenation, zeroing and writing the
+weight gradients) weigh more: 2.1x for the layer (single-threaded); two separate gate / up matmuls per
+block would save the concatenation there (measured 2.0x) but lose at N 8192 (1.30x instead of 1.25x
+for the routed part).
 Dropped alternatives: a batched einsum over blocks with gathered weights [Q, D, F] was 1.5-2x slower
 than the scan (weight copies); writing block outputs to an [R, D] buffer and gathering them back
 into token order cost ~0.1 s per [M, D] pass at this size (a plain 134 MB copy takes ~0.07 s on
