@@ -22,7 +22,9 @@ from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import plan_state, state_layout
 from ling_jax.layers.attention_core import causal_query_chunks
 from ling_jax.plan.program_flops import program_flops, traced_jaxpr
-from ling_jax.plan.search import factorizations, mesh_rejection, search_meshes
+from ling_jax.plan.search import (
+    communication_bytes, evaluate_mesh, factorizations, mesh_rejection, search_meshes,
+)
 from ling_jax.plan.topology import GiB, TopologyError, libtpu_missing_reason, parse_topology
 from ling_jax.train.config import experiment_from_config
 from ling_jax.train.flops import model_flops_per_token
@@ -185,6 +187,21 @@ def test_expert_parallel_dispatch_buffers_with_capacity_factor():
     assert C < tokens and A < 8 * C * min(k, E // 8)  # both bounds bind here
     expected = 4 * 8 * C * D * 4 + 2 * A * D * 4 + 3 * A * F * 4
     assert activation_breakdown(cfg, 16, 128, mesh)["  of which MoE dispatch"] == 2 * expected  # + gradients
+
+
+def test_expert_all_to_all_bytes_follow_the_capacity_factor():
+    """The search's communication estimate moves [expert, C, D] all-to-all buffers: C = n dropless,
+    C = min(n, ceil(cf * n * k / e)) with a capacity factor (module docstring of ling_jax/plan/search.py)."""
+    mesh = {"data": 1, "fsdp": 1, "expert": 8, "model": 1}
+    exps = {cf: preset("tiny", mesh=mesh, model={"moe_capacity_factor": cf}) for cf in (0.0, 0.5)}
+    comm = {cf: communication_bytes(e, evaluate_mesh(e, state_layout(e), mesh, 2**40)) for cf, e in exps.items()}
+    cfg, train = exps[0.0].model, exps[0.0].train
+    n = train.batch_size * train.seq_len // 8
+    C = math.ceil(0.5 * n * cfg.num_experts_per_tok / 8)
+    assert C < n
+    moe_layers = cfg.num_moe_layers + cfg.num_mtp_layers
+    dt = jnp.dtype(cfg.dtype).itemsize
+    assert comm[0.0] - comm[0.5] == pytest.approx(6 * moe_layers * (n - C) * cfg.hidden_size * dt * 7)
 
 
 # --------------------------------------------------------------------------- FLOPs

@@ -13,10 +13,10 @@ order, no overlap, used only to order candidates):
 - data: gradient all-reduce, 2 x gradient bytes x (data - 1) / data.
 - model: per layer 2 all-reduces of the [N, D] activations forward and 2 backward.
 - expert: the routed experts run per shard (ling_jax/layers/expert_parallel.py): tokens go to
-  the shards holding their experts in fixed-size all-to-alls of [expert, N, D] buffers (dropless),
-  of which (expert - 1) / expert leave the device; per MoE layer the tokens and the outputs
-  forward, again in the backward recompute, and the two transposes in the backward:
-  6 x N x D x (expert - 1).
+  the shards holding their experts in fixed-size all-to-alls of [expert, C, D] buffers (C = N
+  dropless, `send_capacity` with a capacity factor), of which (expert - 1) / expert leave the device;
+  per MoE layer the tokens and the outputs forward, again in the backward recompute, and the two
+  transposes in the backward: 6 x C x D x (expert - 1).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ling_jax.config import ConfigError
+from ling_jax.layers.expert_parallel import send_capacity
 from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import StateLayout, StatePlan, plan_state
 from ling_jax.sharding.mesh import MESH_AXES
@@ -85,7 +86,9 @@ def communication_bytes(exp: Experiment, cand: Candidate) -> float:
     layers = cfg.num_layers + cfg.num_mtp_layers
     total += 4 * layers * 2 * tokens * cfg.hidden_size * dt * (mesh["model"] - 1) / mesh["model"]
     moe_layers = cfg.num_moe_layers + cfg.num_mtp_layers
-    total += 6 * moe_layers * tokens * cfg.hidden_size * dt * (mesh["expert"] - 1)
+    if mesh["expert"] > 1:  # rows per destination: n dropless, fewer with a capacity factor
+        rows = send_capacity(int(tokens), cfg.num_experts_per_tok, mesh["expert"], cfg.moe_capacity_factor or None)
+        total += 6 * moe_layers * rows * cfg.hidden_size * dt * (mesh["expert"] - 1)
     return total
 
 
