@@ -25,7 +25,7 @@ from jax.experimental import checkify
 from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import KVCache, attention_mask
 from ling_jax.layers.basic import RMSNorm, param_with_axes
-from ling_jax.layers.decoder import MTPLayer
+from ling_jax.layers.decoder import ACTIVATION_AXES, MTPLayer
 from ling_jax.layers.fp8 import FP8_STATS, fp8_projection, quantization_stats
 from ling_jax.layers.moe import RouterStats
 from ling_jax.layers.rope import rope_cos_sin
@@ -95,7 +95,15 @@ class LingModel(nn.Module):
             self, "embedding", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size),
             ("vocab", "embed"), cfg.jnp_param_dtype,
         )
-        emb_BTD = jnp.take(embedding_VD, input_ids_BT, axis=0).astype(cfg.jnp_dtype)
+
+        def embed(ids_BT):
+            # Pinned to the batch sharding: left to GSPMD, the gather's output followed the table's
+            # sharding, and on an expert-parallel mesh (fsdp=64 expert=8 model=8) the MTP layer's lookup
+            # was all-gathered to the global [B, T, D] batch (64 GiB per chip at Ling-1T's batch 512 x 4K).
+            emb_BTD = jnp.take(embedding_VD, ids_BT, axis=0).astype(cfg.jnp_dtype)
+            return nn.with_logical_constraint(emb_BTD, ACTIVATION_AXES)
+
+        emb_BTD = embed(input_ids_BT)
         cos_BTR, sin_BTR = rope_cos_sin(positions_BT, cfg)
 
         if cache is None:
@@ -151,9 +159,8 @@ class LingModel(nn.Module):
             for i in range(cfg.num_mtp_layers):
                 # As the reference: ids shifted left by one more per MTP layer, vacated slots get id 0.
                 ids_BT = jnp.concatenate([ids_BT[:, 1:], jnp.zeros((B, 1), ids_BT.dtype)], axis=1)
-                e_BTD = jnp.take(embedding_VD, ids_BT, axis=0).astype(cfg.jnp_dtype)
                 h_BTD, stats = MTPLayer(cfg, name=f"mtp_{i}")(
-                    e_BTD, h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT
+                    embed(ids_BT), h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT
                 )
                 outs.append((h_BTD, stats))
             mtp_hidden = jnp.stack([h for h, _ in outs])

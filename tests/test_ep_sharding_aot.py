@@ -1,8 +1,8 @@
 """The train step on an expert-parallel TPU mesh keeps activations split over the batch.
 
 Compiled ahead of time for v5p:2x2x2 (libtpu describes the slice; no TPU is touched) with mesh
-fsdp=2 expert=2 model=2. Before the MTP layer pinned its inputs to the batch sharding
-(ling_jax/layers/decoder.py), GSPMD all-gathered the MTP embedding to the global [B, T, D] batch
+fsdp=2 expert=2 model=2. Before the embedding lookup pinned its output to the batch sharding
+(`embed` in ling_jax/model.py), GSPMD all-gathered the MTP embedding to the global [B, T, D] batch
 on such meshes: at Ling-1T's batch 512 x 4K that was 131 GiB of temporaries per chip
 (benchmarks/README.md, plan section), and this small program showed the same all-gather.
 """
@@ -41,8 +41,9 @@ def test_no_global_activation_all_gather_on_an_expert_parallel_mesh():
     abstract, shardings = state_shardings(exp.model, optimizer, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     step = make_train_step(exp.model, exp.train, optimizer, mesh, shardings)
+    batch = abstract_batch(exp.train.batch_size, exp.train.seq_len, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        hlo = step.jitted.lower(state, abstract_batch(exp.train.batch_size, exp.train.seq_len, mesh)).compile().as_text()
+        hlo = step.jitted.lower(state, batch).compile().as_text()
     B, T, D = exp.train.batch_size, exp.train.seq_len, exp.model.hidden_size
     assert re.search(r" all-to-all\(", hlo)  # the experts really are split: tokens travel
     global_gathers = [line.strip()[:200] for line in hlo.splitlines()

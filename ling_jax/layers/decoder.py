@@ -53,11 +53,6 @@ class MTPLayer(nn.Module):
     def __call__(self, emb_BTD, h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT) -> tuple[jax.Array, Any]:
         cfg = self.config
         pdtype = cfg.jnp_param_dtype
-        # Pinned to the batch sharding: the shifted-ids embedding gather would otherwise be left to GSPMD,
-        # which on an expert-parallel mesh (fsdp=64 expert=8 model=8) all-gathered it to the global
-        # [B, T, D] batch in float32 (64 GiB per chip at Ling-1T's batch 512 x 4K).
-        emb_BTD = nn.with_logical_constraint(emb_BTD, ACTIVATION_AXES)
-        h_BTD = nn.with_logical_constraint(h_BTD, ACTIVATION_AXES)
         e_BTD = RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="enorm")(emb_BTD)
         h_BTD = RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="hnorm")(h_BTD)
         eh_BT2D = jnp.concatenate([e_BTD, h_BTD], axis=-1)
