@@ -48,6 +48,7 @@ from ling_jax.config import MOE_DISPATCHES, ModelConfig  # noqa: E402
 from ling_jax.layers.dispatch import default_dispatch  # noqa: E402
 from ling_jax.layers.moe import EXPERT_BIAS, MoE  # noqa: E402
 from ling_jax.layers.routing import route  # noqa: E402
+from ling_jax.platform import huge_pages_in_effect, reexec_with_huge_pages  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -215,9 +216,10 @@ def main(argv=None):
             result[load] = {**ratios, **main_stats}
     print_table(rows)
     result.update(tokens=args.tokens, reference_tokens=ref_tokens, default_cpu_path=fast, peak_gflops=peak,
-                  single_thread=args.single_thread)
+                  single_thread=args.single_thread, malloc_huge_pages=huge_pages_in_effect())
     print_json_line(result)
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as `ling-jax train` does (ling_jax/platform.py)
     main()

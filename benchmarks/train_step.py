@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from ling_jax.config import MOE_DISPATCHES, REMAT_POLICIES  # noqa: E402
 from ling_jax.layers.dispatch import default_dispatch  # noqa: E402
+from ling_jax.platform import huge_pages_in_effect, reexec_with_huge_pages  # noqa: E402
 from ling_jax.sharding import batch_spec, build_mesh  # noqa: E402
 from ling_jax.train.config import Experiment, base_config, experiment_from_config  # noqa: E402
 from ling_jax.train.flops import measure_matmul_peak, model_flops_per_token  # noqa: E402
@@ -182,9 +183,11 @@ def main(argv=None) -> None:
     print(json.dumps({"peak_gflops": round(peak / 1e9, 2), "peak_gflops_start": round(peak_start / 1e9, 2),
                       "peak_gflops_end": round(peak_end / 1e9, 2), "devices": jax.device_count(),
                       "load_average_start": round(load_start, 2), "load_average": round(os.getloadavg()[0], 2),
+                      "malloc_huge_pages": huge_pages_in_effect(),
                       "results": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
                                   for r in rows]}))
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as `ling-jax train` does (ling_jax/platform.py)
     main()

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from ling_jax.config import ConfigError
-from ling_jax.platform import configure_platform
+from ling_jax.platform import configure_platform, reexec_with_huge_pages
 
 COMMANDS = {
     "train": "train a model from a config (default: tiny Ling on the Python stdlib, CPU-friendly)",
@@ -29,6 +29,8 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the process's own command line: it may restart itself with huge pages
+        reexec_with_huge_pages()
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help"):

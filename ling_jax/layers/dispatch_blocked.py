@@ -50,7 +50,11 @@ kept: gate|up concatenated per step instead of once per call 1.08; `down` transp
 dy @ down^T plus <h, dyW> as a matrix-vector product 1.02 (the matvec alone 1.02); 128-row blocks 1.10;
 cutting each block to the first 1/4, 2/4, 3/4 or 4/4 of its rows that hold assignments (a `lax.switch`
 inside the `lax.cond`; 10% fewer matmul rows here, 25% in the bench train step) 1.00 for the layer and
-0.99 for the bench train step. XLA:CPU pitfall: a `lax.switch`, or nested `lax.cond`s, that thread the
+0.99 for the bench train step; the routing weight folded into h before the down projection 0.997
+(bench train step); one fused [E, D, 2F] gate|up gradient carry with `down` transposed once per call
+1.004 (bench train step); an optimization barrier so the backward's SiLU terms are computed once per
+step 1.006; an expert-major loop (a scan over experts, each running a `fori_loop` over its own blocks,
+so its weights are sliced once and its gradients accumulate in a small carry) 1.13. XLA:CPU pitfall: a `lax.switch`, or nested `lax.cond`s, that thread the
 loop carries through their branches copy those carries (the [E, D, F] gradients) on every step: 5.4x
 slower. Only the two-way `lax.cond` below updates them in place.
 
