@@ -8,10 +8,11 @@ transparent huge pages. XLA:CPU allocates every step's temporaries (462 MB for t
 of benchmarks/train_step.py) through glibc's malloc, which maps them afresh in 4 KiB pages on each
 call: 113 K page faults per step. glibc >= 2.35 advises huge pages for its mappings when started
 with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (it reads the variable only at start, hence the re-exec).
-Measured on the 2-core CPU host (2026-11-30, separate runs taken in turn): bench train step 600 -> 506-544 ms, 545
-page faults per step. Reusing the memory in 4 KiB pages instead (glibc arena_max=1, mmap_max=0: no
-page faults at all) was not faster (591-614 ms), so the gain comes from the page size (TLB reach),
-not from the faults; arena_max=1 with huge pages was slower still (621 ms, lock contention).
+Measured on the 2-core CPU host (2026-11-30, separate runs taken in turn): bench train step
+602-616 -> 506-544 ms, 545 page faults per step. Reusing the memory in 4 KiB pages instead (glibc
+arena_max=1, mmap_max=0: no page faults at all) was not faster (591-614 ms), so the gain comes from
+the page size (TLB reach), not from the faults; arena_max=1 with huge pages was slower still
+(621 ms, lock contention).
 Kernels with THP "always" already do this; with "never" the tunable would change nothing.
 """
 

@@ -55,7 +55,8 @@ def test_reexec_restarts_the_command_line_with_the_tunable():
     tunable where this host needs it (and unchanged elsewhere), and then reports huge pages in effect."""
     code = ("import os, sys; from ling_jax.platform import reexec_with_huge_pages, huge_pages_in_effect; "
             "print('start', os.getpid(), flush=True); reexec_with_huge_pages(); "
-            "print('tunables', os.environ.get('GLIBC_TUNABLES', ''), 'in_effect', huge_pages_in_effect(), sys.argv[1:])")
+            "print('tunables', os.environ.get('GLIBC_TUNABLES', ''), 'in_effect', huge_pages_in_effect(), "
+            "sys.argv[1:])")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LING_JAX_HUGE_PAGES")}
     out = subprocess.run([sys.executable, "-c", code, "arg1"], cwd=REPO, env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")

@@ -53,11 +53,12 @@ inside the `lax.cond`; 10% fewer matmul rows here, 25% in the bench train step) 
 0.99 for the bench train step; the routing weight folded into h before the down projection 0.997
 (bench train step); one fused [E, D, 2F] gate|up gradient carry with `down` transposed once per call
 1.004 (bench train step); an optimization barrier so the backward's SiLU terms are computed once per
-step 1.006; an expert-major loop (a scan over experts, each running a `fori_loop` over its own blocks,
-so its weights are sliced once and its gradients accumulate in a small carry) 1.13; [g | u] recomputed in
-the backward instead of saved 1.032 (bench train step). XLA:CPU pitfall: a `lax.switch`, or nested `lax.cond`s, that thread the
-loop carries through their branches copy those carries (the [E, D, F] gradients) on every step: 5.4x
-slower. Only the two-way `lax.cond` below updates them in place.
+step 1.006; an expert-major loop (a scan over experts, each running a `fori_loop` over its own
+blocks, so its weights are sliced once and its gradients accumulate in a small carry) 1.13; [g | u]
+recomputed in the backward instead of saved 1.032 (bench train step). XLA:CPU pitfall: a
+`lax.switch`, or nested `lax.cond`s, that thread the loop carries through their branches copy those
+carries (the [E, D, F] gradients) on every step: 5.4x slower. Only the two-way `lax.cond` below
+updates them in place.
 
 FP8: with `fp8_impl` set, ling_jax/layers/dispatch_blocked_fp8.py runs the same layout and loop with
 every expert GEMM (forward and backward) in blockwise FP8, weights quantized once per call.
