@@ -32,6 +32,11 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ling_jax.platform import huge_pages_in_effect, reexec_with_huge_pages  # noqa: E402
+
+if __name__ == "__main__":  # before anything else is imported or set: as `ling-jax train` does
+    reexec_with_huge_pages()
+
 if "--single-thread" in sys.argv:  # XLA reads its flags when jax initialises: set them before the import
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -48,7 +53,6 @@ from ling_jax.config import MOE_DISPATCHES, ModelConfig  # noqa: E402
 from ling_jax.layers.dispatch import default_dispatch  # noqa: E402
 from ling_jax.layers.moe import EXPERT_BIAS, MoE  # noqa: E402
 from ling_jax.layers.routing import route  # noqa: E402
-from ling_jax.platform import huge_pages_in_effect, reexec_with_huge_pages  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -221,5 +225,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # as `ling-jax train` does (ling_jax/platform.py)
     main()

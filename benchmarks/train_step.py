@@ -35,6 +35,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ling_jax.platform import huge_pages_in_effect, reexec_with_huge_pages  # noqa: E402
+
+if __name__ == "__main__":  # before anything else is imported or set: as `ling-jax train` does
+    reexec_with_huge_pages()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,7 +47,6 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from ling_jax.config import MOE_DISPATCHES, REMAT_POLICIES  # noqa: E402
 from ling_jax.layers.dispatch import default_dispatch  # noqa: E402
-from ling_jax.platform import huge_pages_in_effect, reexec_with_huge_pages  # noqa: E402
 from ling_jax.sharding import batch_spec, build_mesh  # noqa: E402
 from ling_jax.train.config import Experiment, base_config, experiment_from_config  # noqa: E402
 from ling_jax.train.flops import measure_matmul_peak, model_flops_per_token  # noqa: E402
@@ -189,5 +192,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # as `ling-jax train` does (ling_jax/platform.py)
     main()

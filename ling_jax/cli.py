@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ling_jax.config import ConfigError
 from ling_jax.platform import configure_platform, reexec_with_huge_pages
 
 COMMANDS = {
@@ -41,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if len(argv) >= 2 else 2)
     configure_platform()
     from absl import app, flags, logging
+
+    from ling_jax.config import ConfigError  # imports jax: only after any restart (reexec_with_huge_pages)
 
     # ml_collections' config flag reads its --config.* overrides from sys.argv, and already applies
     # them when the command module defines the flag (at import): both must see this argv.
