@@ -123,6 +123,11 @@ class ModelConfig:
         return self.moe_intermediate_size * self.num_shared_experts
 
     @property
+    def expert_capacity_factor(self) -> float | None:
+        """`moe_capacity_factor` as the expert-parallel dispatch takes it: None (dropless) for 0."""
+        return self.moe_capacity_factor or None
+
+    @property
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
 

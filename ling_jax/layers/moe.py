@@ -111,7 +111,7 @@ class MoE(nn.Module):
         if impl == "auto":
             impl = "blocked" if cfg.fp8 != "off" else default_dispatch(kernel_platform())
         y_ND, dropped = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl,
-                                       capacity_factor=cfg.moe_capacity_factor or None, fp8_impl=cfg.fp8)
+                                       capacity_factor=cfg.expert_capacity_factor, fp8_impl=cfg.fp8)
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:
             y_BTD = y_BTD + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x_BTD)

@@ -73,7 +73,7 @@ def dispatch_bytes(cfg: ModelConfig, tokens: int, expert_ways: int, model_ways: 
     rows, experts, exchange = tokens, E, 0
     assignments = tokens * k
     if expert_ways > 1:
-        cf = cfg.moe_capacity_factor or None
+        cf = cfg.expert_capacity_factor
         C = send_capacity(tokens, k, expert_ways, cf)
         rows, experts = expert_ways * C, E // expert_ways
         exchange = 4 * rows * D * dt

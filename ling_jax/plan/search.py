@@ -87,7 +87,7 @@ def communication_bytes(exp: Experiment, cand: Candidate) -> float:
     total += 4 * layers * 2 * tokens * cfg.hidden_size * dt * (mesh["model"] - 1) / mesh["model"]
     moe_layers = cfg.num_moe_layers + cfg.num_mtp_layers
     if mesh["expert"] > 1:  # rows per destination: n dropless, fewer with a capacity factor
-        rows = send_capacity(int(tokens), cfg.num_experts_per_tok, mesh["expert"], cfg.moe_capacity_factor or None)
+        rows = send_capacity(int(tokens), cfg.num_experts_per_tok, mesh["expert"], cfg.expert_capacity_factor)
         total += 6 * moe_layers * rows * cfg.hidden_size * dt * (mesh["expert"] - 1)
     return total
 
