@@ -29,7 +29,11 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the process's own command line: it may restart itself with huge pages
-        reexec_with_huge_pages()
+        try:
+            reexec_with_huge_pages()
+        except ValueError as e:
+            print(f"ling-jax: {e}", file=sys.stderr)
+            sys.exit(2)
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help"):

@@ -61,8 +61,12 @@ def _thp_mode(path: str = THP_MODE_FILE) -> str | None:
 def huge_pages_environment(environ: Mapping[str, str], thp_mode: str | None, libc: tuple[str, str]) -> dict | None:
     """The environment to re-execute with so that glibc's malloc uses transparent huge pages, or None
     where nothing would change: switched off (LING_JAX_HUGE_PAGES=0), already set in GLIBC_TUNABLES,
-    THP not in "madvise" mode (with "always" the kernel already does it), or not glibc >= 2.35."""
-    if environ.get(HUGE_PAGES_SWITCH, "1") == "0" or thp_mode != "madvise":
+    THP not in "madvise" mode (with "always" the kernel already does it), or not glibc >= 2.35.
+    Raises ValueError when LING_JAX_HUGE_PAGES is set to anything but 0 or 1."""
+    switch = environ.get(HUGE_PAGES_SWITCH, "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"{HUGE_PAGES_SWITCH} must be 0 (off) or 1 (on, the default), got {switch!r}")
+    if switch == "0" or thp_mode != "madvise":
         return None
     name, version = libc
     try:

@@ -43,6 +43,20 @@ def test_leaves_the_process_alone(environ, thp_mode, libc):
     assert huge_pages_environment(environ, thp_mode, libc) is None
 
 
+@pytest.mark.parametrize("value", ["off", "", "2"])
+def test_a_bad_switch_value_is_refused_by_name(value):
+    with pytest.raises(ValueError, match=r"LING_JAX_HUGE_PAGES must be 0 \(off\) or 1"):
+        huge_pages_environment({"LING_JAX_HUGE_PAGES": value}, "madvise", GLIBC)
+
+
+def test_the_cli_names_a_bad_switch_value():
+    env = {**os.environ, "LING_JAX_HUGE_PAGES": "off"}
+    proc = subprocess.run([sys.executable, "-m", "ling_jax.cli", "params", "--config", "configs/tiny.py"], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "LING_JAX_HUGE_PAGES must be 0 (off) or 1 (on, the default), got 'off'" in proc.stderr
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     path = tmp_path / "enabled"
     path.write_text("always [madvise] never\n")
