@@ -54,6 +54,7 @@ def test_valid_config_and_derived_values():
         (dict(moe_dispatch="megablox"), r"moe_dispatch must be one of .*got 'megablox'"),
         (dict(router_impl="triton"), r"router_impl must be one of .*got 'triton'"),
         (dict(moe_capacity_factor=-1.0), r"moe_capacity_factor must be >= 0 \(0: dropless\), got -1.0"),
+        (dict(moe_capacity_factor=float("nan")), r"moe_capacity_factor must be >= 0 \(0: dropless\), got nan"),
         (dict(eos_token_id=64), r"eos_token_id \(64\) must be in \[0, vocab_size=64\)"),
         (dict(pad_token_id=-1), r"pad_token_id \(-1\) must be in \[0, vocab_size=64\)"),
         (dict(hidden_size=-32), r"hidden_size must be a positive integer, got -32"),
