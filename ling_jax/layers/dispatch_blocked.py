@@ -20,8 +20,9 @@ Cost model (f = 6 * D * F, the FLOPs of one SwiGLU expert on one row):
             blocks past the used ones are skipped at run time (`lax.cond`), so the static bound
             costs memory, not FLOPs. gate and up run as one [b, D] x [D, 2F] matmul per block;
   backward  2x the forward FLOPs (dx and dW), from the pre-activations [g | u] saved by the forward
-            ([R, 2F], the only [R, *] buffer); the routing-weight gradient <out, dy> = <h, dy down^T>
-            reuses a matmul the backward needs anyway, so expert outputs are never stored;
+            ([R, 2F] rows, kept as the loop stacked them, the only row buffer); the routing-weight
+            gradient <out, dy> = <h, dy down^T> reuses a matmul the backward needs anyway, so
+            expert outputs are never stored;
   moves     per block, x / dy rows are gathered from token order and results are scatter-added back
             into a float32 [N, D] loop carry (in place); expert weights are read by dynamic index (no
             gathered [Q, D, F] copies); dW accumulates in place in a float32 [E, D, 2F] / [E, F, D]
@@ -55,7 +56,12 @@ inside the `lax.cond`; 10% fewer matmul rows here, 25% in the bench train step) 
 1.004 (bench train step); an optimization barrier so the backward's SiLU terms are computed once per
 step 1.006; an expert-major loop (a scan over experts, each running a `fori_loop` over its own
 blocks, so its weights are sliced once and its gradients accumulate in a small carry) 1.13; [g | u]
-recomputed in the backward instead of saved 1.032 (bench train step). XLA:CPU pitfall: a
+recomputed in the backward instead of saved 1.032 (bench train step); separate gate and up matmuls
+per block instead of the per-call concatenation 1.043 (bench train step); the steps dealt alternately
+to two independent loops (hoping XLA:CPU runs them on both cores at once) 1.090 (bench train step).
+Per-expert [E, C] buffers as batched einsums with the rows past C through this loop (exact, dropless)
+were 0.84-1.14x this path for the routed experts at N 8192, varying between identical compilations
+with huge pages on (benchmarks/README.md, 2026-11-30 07:40 UTC). XLA:CPU pitfall: a
 `lax.switch`, or nested `lax.cond`s, that thread the loop carries through their branches copy those
 carries (the [E, D, F] gradients) on every step: 5.4x slower. Only the two-way `lax.cond` below
 updates them in place.
@@ -217,11 +223,11 @@ def _step_inputs(layout: BlockLayout, block_size: int, num_tokens: int, row_weig
 
 def _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout: BlockLayout, block_size: int):
     """y [N, D] (float32) = sum over rows r of weight_r * expert(x[token_r]), scatter-added per step,
-    and the saved pre-activations [g | u] of every row, [R, 2F]."""
+    and the saved pre-activations [g | u] of every row, as the loop stacked them: [S, P, b, 2F] (kept
+    in that shape for the backward's loop: no slicing and re-padding copies)."""
     gate_up_ED2F, down_EFD = fused
     P, b, F2 = blocks_per_step(block_size), block_size, gate_up_ED2F.shape[2]
     N, D = x_ND.shape
-    R = layout.row_token_R.shape[0]
     vma = _vma(x_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R)
 
     def step(y_ND, inp):
@@ -241,11 +247,10 @@ def _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout: BlockLayout, block_si
 
         return lax.cond(q_P[0] < layout.num_used_blocks, compute, skip, y_ND)
 
-    y_ND, gu_SPb2F = lax.scan(step, _zeros(x_ND.shape, jnp.float32, vma), _step_inputs(layout, b, N, row_weight_R))
-    return y_ND, gu_SPb2F.reshape(-1, F2)[:R]
+    return lax.scan(step, _zeros(x_ND.shape, jnp.float32, vma), _step_inputs(layout, b, N, row_weight_R))
 
 
-def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, block_size: int, gu_R2F):
+def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, block_size: int, gu_SPb2F):
     """Gradients of <y, dy>: dx [N, D], per-row routing-weight gradients [R], d gate, d up, d down, all
     accumulated in float32.
 
@@ -258,7 +263,7 @@ def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, b
     N, D = x_ND.shape
     R = layout.row_token_R.shape[0]
     f32 = jnp.float32
-    vma = _vma(x_ND, dy_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R, gu_R2F)
+    vma = _vma(x_ND, dy_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R, gu_SPb2F)
 
     def step(carry, inp):
         q_P, e_P, token_Pb, weight_Pb, gu_Pb2F = inp
@@ -293,7 +298,7 @@ def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, b
     E = down_EFD.shape[0]
     carry0 = tuple(_zeros(shape, f32, vma) for shape in (x_ND.shape, (E, D, F), (E, D, F), (E, F, D)))
     (dx_ND, dgate_EDF, dup_EDF, ddown_EFD), dweight_SPb = lax.scan(
-        step, carry0, _step_inputs(layout, b, N, row_weight_R, gu_R2F)
+        step, carry0, (*_step_inputs(layout, b, N, row_weight_R), gu_SPb2F)
     )
     return dx_ND, dweight_SPb.reshape(-1)[:R], dgate_EDF, dup_EDF, ddown_EFD
 
@@ -312,16 +317,16 @@ def _blocked_moe_fwd(x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout, block
     # gate and up side by side: one [b, D] x [D, 2F] matmul per block instead of two narrower ones.
     fused = (jnp.concatenate([gate_EDF, up_EDF], axis=2), down_EFD)
     row_weight_R = _row_weights(weights_Nk, layout, x_ND.dtype)
-    y_ND, gu_R2F = _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout, block_size)
-    return y_ND.astype(x_ND.dtype), (x_ND, weights_Nk, fused, layout, gu_R2F)
+    y_ND, gu_SPb2F = _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout, block_size)
+    return y_ND.astype(x_ND.dtype), (x_ND, weights_Nk, fused, layout, gu_SPb2F)
 
 
 def _blocked_moe_bwd(block_size, residuals, dy_ND):
-    x_ND, weights_Nk, fused, layout, gu_R2F = residuals
+    x_ND, weights_Nk, fused, layout, gu_SPb2F = residuals
     N, k = weights_Nk.shape
     row_weight_R = _row_weights(weights_Nk, layout, x_ND.dtype)
     dx_ND, dweight_R, dgate_EDF, dup_EDF, ddown_EFD = _blocked_swiglu_bwd(
-        x_ND, dy_ND.astype(x_ND.dtype), row_weight_R, fused, layout, block_size, gu_R2F
+        x_ND, dy_ND.astype(x_ND.dtype), row_weight_R, fused, layout, block_size, gu_SPb2F
     )
     dweights_Nk = _take_rows(dweight_R, layout.pos_M).reshape(N, k)
     wdtype = fused[1].dtype

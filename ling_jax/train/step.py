@@ -66,22 +66,30 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     counts_main = router.counts_E if router is not None else jnp.zeros((0, model_cfg.num_experts))
     counts_mtp = mtp_router.counts_E if mtp_router is not None else jnp.zeros((0, model_cfg.num_experts))
-    expert_bias = state.expert_bias
-    if train_cfg.bias_update_rate and state.expert_bias:
-        counts = counts_like_bias(model_cfg, counts_main, counts_mtp)
-        expert_bias = update_expert_bias(state.expert_bias, counts, train_cfg.bias_update_rate)
 
-    # A non-finite loss or gradient skips the whole update (params, moments, biases).
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    def apply_update(operands):
+        params, opt_state, expert_bias = operands
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if train_cfg.bias_update_rate and expert_bias:
+            counts = counts_like_bias(model_cfg, counts_main, counts_mtp)
+            expert_bias = update_expert_bias(expert_bias, counts, train_cfg.bias_update_rate)
+        return params, opt_state, expert_bias
+
+    # A non-finite loss or gradient skips the whole update (params, moments, biases). A cond rather
+    # than a `where(finite, new, old)` per leaf: XLA:CPU copies every donated moment buffer to keep its
+    # old value for such a where (156 copies, 1.4x the update's time at the bench shape; see
+    # benchmarks/README.md).
+    params, opt_state, expert_bias = jax.lax.cond(
+        finite, apply_update, lambda operands: operands, (state.params, state.opt_state, state.expert_bias)
+    )
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(params, state.params),
-        expert_bias=keep(expert_bias, state.expert_bias),
-        opt_state=keep(opt_state, state.opt_state),
+        params=params,
+        expert_bias=expert_bias,
+        opt_state=opt_state,
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
     )
