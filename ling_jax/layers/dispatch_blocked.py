@@ -87,7 +87,9 @@ MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 8, 256
 # Rows per loop step: small blocks are grouped P = max(1, STEP_ROWS // b) to a step and multiplied as one
 # batched matmul with their gathered [P, D, 2F] weights (fewer loop steps; XLA:CPU spreads the batched
 # matmul over both cores). Measured paired on the 2-core host, bench train step (b = 128): P = 2 0.94x
-# the step time of P = 1, P = 4 0.96x; MoE layer at N 8192 (b = 256): P = 2 no faster than P = 1.
+# the step time of P = 1, P = 4 0.96x. STEP_ROWS 512 instead (2026-11-30 08:30 UTC): bench train step
+# (P = 4) 0.999x, tiny 0.989x; at N 8192 (b = 256, P = 2) the routed experts alone 0.91-0.94x but the
+# MoE layer (benchmarks/moe_layer.py's module, paired) 0.974x uniform and 1.012x skewed: no clear gain.
 STEP_ROWS = 256
 
 
