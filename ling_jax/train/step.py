@@ -79,9 +79,9 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train
         return params, opt_state, expert_bias
 
     # A non-finite loss or gradient skips the whole update (params, moments, biases). A cond rather
-    # than a `where(finite, new, old)` per leaf: XLA:CPU copies every donated moment buffer to keep its
-    # old value for such a where (156 copies, 1.4x the update's time at the bench shape; see
-    # benchmarks/README.md).
+    # than a `where(finite, new, old)` per leaf: for such a where XLA:CPU copies every donated moment
+    # buffer to keep its old value (158 copies in the bench-shape step; the update alone took 1.4x as
+    # long; benchmarks/README.md).
     params, opt_state, expert_bias = jax.lax.cond(
         finite, apply_update, lambda operands: operands, (state.params, state.opt_state, state.expert_bias)
     )
