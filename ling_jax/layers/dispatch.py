@@ -20,7 +20,7 @@ assignment" for "dense" and "blocked" (expert parallelism relies on it); "ragged
 
 These functions see whatever tokens they are given. Under a mesh the MoE layer calls them per shard
 (`per_shard_dispatch` in ling_jax/layers/expert_parallel.py, inside `jax.shard_map`), so the
-"ragged" / "blocked" argsort covers one device's tokens; called on global arrays under GSPMD, that
+"ragged" / "blocked" expert sort covers one device's tokens; called on global arrays under GSPMD, that
 sort is over the whole batch and is not partitioned.
 """
 
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.layers.dispatch_blocked import auto_block_size, dispatch_blocked
+from ling_jax.layers.expert_sort import sort_order
 from ling_jax.layers.grouped_matmul import grouped_matmul, is_hopper
 
 
@@ -58,18 +59,18 @@ def dispatch_dense(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Arra
     return jnp.einsum("NE,NED->ND", combine_NE.astype(out_NED.dtype), out_NED)
 
 
-def _sort_by_expert(ids_Nk):
+def _sort_by_expert(ids_Nk, num_experts: int):
     """Assignments sorted by expert (stable): (token of each sorted assignment, the sort order, flat ids)."""
     N, k = ids_Nk.shape
     flat_ids = ids_Nk.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)
+    order = sort_order(flat_ids, num_experts)
     return order // k, order, flat_ids
 
 
 def dispatch_ragged(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Array:
     N, k = ids_Nk.shape
     E = experts.gate_EDF.shape[0]
-    token_of, order, flat_ids = _sort_by_expert(ids_Nk)
+    token_of, order, flat_ids = _sort_by_expert(ids_Nk, E)
     group_sizes_E = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
     xs_MD = x_ND[token_of]
     h_MF = _swiglu(

@@ -83,6 +83,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ling_jax.layers.expert_sort import sort_order
+
 MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 8, 256
 # Rows per loop step: small blocks are grouped P = max(1, STEP_ROWS // b) to a step and multiplied as one
 # batched matmul with their gathered [P, D, 2F] weights (fewer loop steps; XLA:CPU spreads the batched
@@ -145,7 +147,7 @@ def blocked_layout(ids_Nk: jax.Array, num_experts: int, block_size: int) -> Bloc
     ids_M = ids_Nk.reshape(M).astype(jnp.int32)
     valid_M = (ids_M >= 0) & (ids_M < E)
     key_M = jnp.where(valid_M, ids_M, E)  # invalid assignments sort after every expert
-    order_M = jnp.argsort(key_M, stable=True).astype(jnp.int32)  # sorted slot -> assignment
+    order_M = sort_order(key_M, E)  # sorted slot -> assignment (a stable sort)
     counts_E = jnp.zeros((E + 1,), jnp.int32).at[key_M].add(1)[:E]
     padded_E = (counts_E + b - 1) // b * b
     padded_end_E = jnp.cumsum(padded_E)

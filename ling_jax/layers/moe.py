@@ -9,7 +9,7 @@ bias update is the same on every mesh. The routed experts then run per shard:
   tokens, as on one device.
 - Otherwise (e.g. the train step, which traces under `jax.set_mesh(mesh)`): `per_shard_dispatch`
   (ling_jax/layers/expert_parallel.py), a `jax.shard_map` in which every device dispatches only its
-  own tokens, so the "ragged" / "blocked" argsort covers n * k local assignments instead of the
+  own tokens, so the "ragged" / "blocked" expert sort covers n * k local assignments instead of the
   global batch's N * k (which GSPMD cannot split). With mesh axis "expert" > 1 the experts stay
   split over it and tokens travel by all-to-all; otherwise every device gathers all experts'
   weights (sharded "embed_moe" -> fsdp). The expert width ("mlp_moe" -> model) stays split: each
