@@ -58,7 +58,10 @@ step 1.006; an expert-major loop (a scan over experts, each running a `fori_loop
 blocks, so its weights are sliced once and its gradients accumulate in a small carry) 1.13; [g | u]
 recomputed in the backward instead of saved 1.032 (bench train step); separate gate and up matmuls
 per block instead of the per-call concatenation 1.043 (bench train step); the steps dealt alternately
-to two independent loops (hoping XLA:CPU runs them on both cores at once) 1.090 (bench train step).
+to two independent loops (hoping XLA:CPU runs them on both cores at once) 1.090 (bench train step);
+both loops unrolled 2x / 4x (`lax.scan(unroll=...)`) 1.018 / 1.012; x and dy given a zero row at
+index N once per call, so that padding rows gather without the fill-mode select, 1.008 (bench train
+step, 2026-11-30 10:00-10:15 UTC).
 Per-expert [E, C] buffers as batched einsums with the rows past C through this loop (exact, dropless)
 were 0.84-1.14x this path for the routed experts at N 8192, varying between identical compilations
 with huge pages on (benchmarks/README.md, 2026-11-30 07:40 UTC). XLA:CPU pitfall: a
