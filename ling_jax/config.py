@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_moe_out")
-MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked")  # auto: see ling_jax/layers/moe.py
+MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "cpu_kernel")  # auto: see ling_jax/layers/moe.py
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_MODES = ("off", "xla", "pallas")  # FP8 projections: off, the XLA reference path, the Pallas kernel
 ROUTER_IMPLS = ("xla", "pallas")  # group-limited sigmoid top-k: lax.top_k, or the Pallas router kernel
@@ -91,7 +91,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    moe_dispatch: str = "auto"  # blocked on CPU and with fp8, else ragged (TPU, Hopper GPUs) or dense (other GPUs)
+    moe_dispatch: str = "auto"  # CPU: cpu_kernel (blocked where not built); fp8: blocked; else ragged (TPU, Hopper) or dense
     # 0: dropless. > 0: expert-parallel buffers sized for cf x the mean load, drops counted in the train
     # metrics as moe_dropped (ling_jax/layers/expert_parallel.py); no effect without an expert mesh axis.
     moe_capacity_factor: float = 0.0

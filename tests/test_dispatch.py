@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpu_kernels.moe_experts import available as moe_experts_available
+from cpu_kernels.moe_experts import unavailable_reason
 from ling_jax.config import MOE_DISPATCHES, ModelConfig
 from ling_jax.layers import dispatch_blocked as db
 from ling_jax.layers.dispatch import DISPATCHERS, ExpertWeights, auto_block_size, default_dispatch, dispatch
@@ -79,10 +81,15 @@ def dense_reference(kind):
 CASES = [("blocked", None, kind) for kind in ("uniform", "one_expert", "same_k", "half_empty", "skewed")]
 CASES += [("blocked", b, "skewed") for b in (1, 5, 64)]
 CASES += [("ragged", None, kind) for kind in ("uniform", "half_empty")]
+CASES += [("cpu_kernel", None, kind) for kind in ("uniform", "one_expert", "same_k", "half_empty", "skewed")]
+
+needs_kernel = pytest.mark.skipif(not moe_experts_available(), reason=str(unavailable_reason()))
 
 
 @pytest.mark.parametrize("impl,block_size,kind", CASES)
 def test_paths_equal_dense(impl, block_size, kind):
+    if impl == "cpu_kernel" and not moe_experts_available():
+        pytest.skip(str(unavailable_reason()))
     got = value_and_grads(impl, *inputs(kind=kind), block_size=block_size)
     assert_trees_close(got, dense_reference(kind), atol=2e-5, rtol=2e-5)
 
@@ -94,7 +101,8 @@ def test_blocked_grads_are_not_trivially_zero():
         assert float(jnp.abs(g).max()) > 1e-3
 
 
-def test_empty_slots_contribute_nothing():
+@pytest.mark.parametrize("impl", ["blocked", pytest.param("cpu_kernel", marks=needs_kernel)])
+def test_empty_slots_contribute_nothing(impl):
     """Out-of-range ids (expert parallelism's unused slots) add nothing and get no weight gradient."""
     x_ND, ids_Nk, weights_Nk, experts = inputs(kind="uniform")
     empty = (jnp.arange(ids_Nk.shape[0]) % 3 == 0)[:, None] & (jnp.arange(ids_Nk.shape[1]) > 0)
@@ -102,7 +110,8 @@ def test_empty_slots_contribute_nothing():
     ids_holey = ids_holey.at[1].set(8)  # == E: out of range at the top as well
     weights_kept = jnp.where(ids_holey >= 0, weights_Nk, 0.0).at[1].set(0.0)
     want = value_and_grads("dense", x_ND, jnp.where(ids_holey >= 0, ids_holey, 0) % 8, weights_kept, experts)
-    y, (dx, dw, dex) = value_and_grads("blocked", x_ND, ids_holey, weights_Nk, experts, block_size=4)
+    y, (dx, dw, dex) = value_and_grads(impl, x_ND, ids_holey, weights_Nk, experts,
+                                       block_size=4 if impl == "blocked" else None)
     assert_trees_close((y, dx, dex), (want[0], want[1][0], want[1][2]), atol=2e-5, rtol=2e-5)
     real = (ids_holey >= 0) & (ids_holey < 8)
     np.testing.assert_allclose(np.where(real, dw, 0.0), np.where(real, want[1][1], 0.0), atol=2e-5, rtol=2e-5)
@@ -156,7 +165,7 @@ def test_auto_block_size():
 
 
 def test_default_dispatch_and_registry():
-    assert default_dispatch("cpu") == "blocked"
+    assert default_dispatch("cpu") == ("cpu_kernel" if moe_experts_available() else "blocked")
     assert default_dispatch("TPU") == "ragged"
     assert default_dispatch("gpu") == ("ragged" if is_hopper() else "dense")
     with pytest.raises(ValueError, match="platform"):
@@ -166,8 +175,9 @@ def test_default_dispatch_and_registry():
         dispatch(*inputs(), impl="nope")
 
 
-def test_moe_module_blocked_equals_dense():
-    """The MoE block runs with moe_dispatch="blocked" (config plumbing); gradients are covered above."""
+@pytest.mark.parametrize("impl", ["blocked", pytest.param("cpu_kernel", marks=needs_kernel)])
+def test_moe_module_equals_dense(impl):
+    """The MoE block runs with moe_dispatch `impl` (config plumbing); gradients are covered above."""
     cfg = ModelConfig(
         vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
         intermediate_size=64, num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
@@ -177,7 +187,7 @@ def test_moe_module_blocked_equals_dense():
     mask_BT = jnp.ones((2, 9), bool)
     variables = nn.unbox(jax.jit(MoE(cfg).init)(jax.random.PRNGKey(1), x_BTD, mask_BT))
     variables["params"] = jax.tree.map(lambda p: p * 30.0, variables["params"])  # non-trivial routing
-    want, stats = jax.jit(MoE(cfg).apply)(variables, x_BTD, mask_BT)
-    got, _ = jax.jit(MoE(cfg.replace(moe_dispatch="blocked")).apply)(variables, x_BTD, mask_BT)
+    want, stats = jax.jit(MoE(cfg.replace(moe_dispatch="dense")).apply)(variables, x_BTD, mask_BT)
+    got, _ = jax.jit(MoE(cfg.replace(moe_dispatch=impl)).apply)(variables, x_BTD, mask_BT)
     assert float(stats.counts_E.max()) > float(stats.counts_E.min())  # routing is not uniform
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from cpu_kernels.moe_experts import available as moe_experts_available
+
 N, D, F, E, K = 64, 16, 8, 16, 4
 TOL = 3e-5
 
@@ -33,6 +35,12 @@ CASES = {
     "expert8_capacity1_same_k": ({"expert": 8}, "blocked", "same_k", 1.0),
     "data2_expert4_capacity1_ragged": ({"data": 2, "expert": 4}, "ragged", "uniform", 1.0),
 }
+if moe_experts_available():  # the compiled CPU kernel as each shard's local dispatch
+    CASES |= {
+        "expert8_cpu_kernel": ({"expert": 8}, "cpu_kernel", "uniform", None),
+        "data2_model2_expert2_cpu_kernel": ({"data": 2, "model": 2, "expert": 2}, "cpu_kernel", "uniform", None),
+        "data2_expert4_capacity_cpu_kernel": ({"data": 2, "expert": 4}, "cpu_kernel", "uniform", 0.5),
+    }
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 

@@ -17,10 +17,12 @@ import sys
 import numpy as np
 import pytest
 
+from cpu_kernels.moe_experts import available as moe_experts_available
+
 MESHES = {"data=8": {"data": 8}, "fsdp=4,expert=2": {"fsdp": 4, "expert": 2},
           "data=2,expert=2,model=2": {"data": 2, "expert": 2, "model": 2}}
-LAYER_IMPLS = ("blocked", "ragged", "dense")
-STEP_IMPLS = ("blocked", "ragged")
+LAYER_IMPLS = ("blocked", "ragged", "dense") + (("cpu_kernel",) if moe_experts_available() else ())
+STEP_IMPLS = ("blocked", "ragged") + (("cpu_kernel",) if moe_experts_available() else ())
 LAYER_RTOL = 1e-5  # per array: max abs error / max abs value (float32; observed <= ~1e-6)
 RTOL = 1e-4  # the train step's loss and gradients (per leaf, relative to its largest entry), as test_sharding
 B, T = 8, 16  # the layer test's tokens: 128, 16 per device on 8 shards

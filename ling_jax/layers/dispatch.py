@@ -12,8 +12,12 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
   lowerings cost about E times the useful work (masked dense dots).
 - "blocked": expert-sorted rows padded per expert to a multiple of a block size b, then a grouped GEMM
   over fixed-size row blocks (a `lax.scan` that indexes each block's expert weights) with a hand-written
-  VJP. Useful FLOPs plus at most E*(b-1) padding rows, static shapes, dropless; the fast path on CPU.
+  VJP. Useful FLOPs plus at most E*(b-1) padding rows, static shapes, dropless; the pure-JAX CPU path.
   Layout, cost model and measurements: ling_jax/layers/dispatch_blocked.py.
+- "cpu_kernel": one XLA FFI call into a compiled kernel (cpu_kernels/moe_experts.cc, built by setup.py
+  where a C++ compiler is found): assignments grouped by expert with a counting sort, each expert's exact
+  rows multiplied by its weights in place with OpenBLAS sgemm, experts spread over OpenMP threads; a
+  second call for the backward. No padding rows, no loop over blocks. CPU and float32 only.
 
 `default_dispatch(platform)` picks the implementation per backend. Ids outside [0, E) mean "no
 assignment" for "dense" and "blocked" (expert parallelism relies on it); "ragged" needs valid ids.
@@ -32,6 +36,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cpu_kernels.moe_experts import available as moe_experts_available
+from cpu_kernels.moe_experts import moe_experts
 from ling_jax.layers.dispatch_blocked import auto_block_size, dispatch_blocked
 from ling_jax.layers.expert_sort import sort_order
 from ling_jax.layers.grouped_matmul import grouped_matmul, is_hopper
@@ -82,16 +88,29 @@ def dispatch_ragged(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Arr
     return jnp.einsum("NkD,Nk->ND", out_NkD, weights_Nk.astype(out_NkD.dtype))
 
 
-DISPATCHERS = {"dense": dispatch_dense, "ragged": dispatch_ragged, "blocked": dispatch_blocked}
+def dispatch_cpu_kernel(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Array:
+    """The compiled CPU kernel (cpu_kernels/moe_experts.py): exact per-expert row groups, OpenBLAS GEMMs.
+    float32 only: other compute dtypes run "blocked". Raises RuntimeError (with the reason) where the
+    kernel was not built."""
+    if any(a.dtype != jnp.float32 for a in (x_ND, *experts)):
+        return dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts)
+    y_ND = moe_experts(x_ND, ids_Nk.astype(jnp.int32), weights_Nk.astype(jnp.float32), *experts)
+    return y_ND.astype(x_ND.dtype)
+
+
+DISPATCHERS = {"dense": dispatch_dense, "ragged": dispatch_ragged, "blocked": dispatch_blocked,
+               "cpu_kernel": dispatch_cpu_kernel}
 _TAKES_BLOCK_SIZE = ("blocked",)
 
 
 def default_dispatch(platform: str) -> str:
     """The implementation to use on `platform` ("cpu", "gpu", "tpu"; e.g. `jax.default_backend()`).
 
-    cpu: "blocked" -- XLA:CPU turns ragged_dot into masked dense dots (measured forward + backward of
-         a MoE layer with E 64, k 8: "ragged" ~40-90x and "dense" ~8-20x the dense-matmul floor,
-         "blocked" 1.25-1.5x), while the blocked grouped GEMM runs plain [b, D] x [D, 2F] matmuls.
+    cpu: "cpu_kernel" where the compiled kernel is built (cpu_kernels/moe_experts.py), else "blocked".
+         XLA:CPU turns ragged_dot into masked dense dots (measured forward + backward of a MoE layer
+         with E 64, k 8: "ragged" ~110-170x and "dense" ~18-28x the dense-matmul floor), while the
+         blocked grouped GEMM runs plain [b, D] x [D, 2F] matmuls (1.3-1.5x) and the kernel each
+         expert's exact rows through OpenBLAS (benchmarks/README.md).
     tpu: "ragged" -- ragged_dot lowers to a grouped GEMM that skips the other experts' rows and needs
          no padding, and its (transposed) gradients are grouped GEMMs too.
     gpu: "ragged" on Hopper, where `grouped_matmul` runs JAX's Mosaic-GPU grouped GEMMs (measured on
@@ -101,7 +120,7 @@ def default_dispatch(platform: str) -> str:
     """
     platform = platform.lower()
     if platform == "cpu":
-        return "blocked"
+        return "cpu_kernel" if moe_experts_available() else "blocked"
     if platform == "tpu":
         return "ragged"
     if platform in ("gpu", "cuda", "rocm"):
@@ -141,5 +160,5 @@ def _warn_no_fp8_once(impl: str) -> None:
 
 __all__ = [
     "DISPATCHERS", "auto_block_size", "ExpertWeights", "default_dispatch", "dispatch",
-    "dispatch_blocked", "dispatch_dense", "dispatch_ragged",
+    "dispatch_blocked", "dispatch_cpu_kernel", "dispatch_dense", "dispatch_ragged",
 ]
