@@ -127,21 +127,49 @@ struct Scratch {
   }
 };
 
-// out = the sum of the per-lane [N, D] accumulators, in lane order (elements split over the threads).
-void ReduceAccumulators(std::vector<std::vector<float>>& acc, float* out, int64_t size) {
-  const int threads = static_cast<int>(acc.size());
+// out = the sum of the per-lane accumulators, in lane order (elements split over the threads).
+void ReduceAccumulators(const std::vector<std::vector<float>>& acc, float* out, int64_t size) {
+  const int lanes = static_cast<int>(acc.size());
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < size; ++i) {
     float total = acc[0][i];
-    for (int t = 1; t < threads; ++t) total += acc[t][i];
+    for (int t = 1; t < lanes; ++t) total += acc[t][i];
     out[i] = total;
   }
 }
 
-// Experts run in parallel, one lane (work list, PlanLanes) per OpenMP thread, OpenBLAS single-threaded
-// per call: small per-expert GEMMs scale better this way than split over the threads one at a time.
-// Token rows are scatter-added into per-lane accumulators (two experts of one token may run at once),
-// summed in lane order at the end.
+// Runs per_expert(e, rows of e, scratch, accumulator) for every expert with rows, the experts dealt
+// to lanes (PlanLanes), one lane per OpenMP thread, OpenBLAS single-threaded per call: small
+// per-expert GEMMs scale better this way than split over the threads one at a time. Each lane
+// scatter-adds token rows into its own [N, D] accumulator (two experts of one token may run at once);
+// out = their sum in lane order.
+template <typename PerExpert>
+void ForExpertsInLanes(const Groups& g, int64_t acc_size, float* out, const PerExpert& per_expert) {
+  const int lanes = omp_get_max_threads();
+  const auto plan = PlanLanes(g, lanes);
+  std::vector<std::vector<float>> acc(lanes);
+  scipy_openblas_set_num_threads(1);
+#pragma omp parallel for schedule(static, 1)
+  for (int t = 0; t < lanes; ++t) {
+    acc[t].assign(acc_size, 0.0f);
+    Scratch scratch;
+    for (const int64_t e : plan[t]) per_expert(e, g.start[e + 1] - g.start[e], scratch, acc[t].data());
+  }
+  ReduceAccumulators(acc, out, acc_size);
+}
+
+// acc[token of row r] += scale_r * rows[r] (scale_r = weights[assignment r], or 1 without weights).
+void ScatterAddRows(const float* rows_RD, const int64_t* assignments, int64_t rows, int64_t k, int64_t D,
+                    const float* weights_M, float* acc_ND) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float scale = weights_M != nullptr ? weights_M[assignments[r]] : 1.0f;
+    float* dst = acc_ND + (assignments[r] / k) * D;
+    const float* src = rows_RD + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] += scale * src[d];
+  }
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> weights,
                    ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::F32> down,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gu) {
@@ -149,43 +177,24 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buff
   if (ffi::Error err = CheckShapes(s, x, ids, weights, gate, up, down); err.failure()) return err;
   const int64_t M = s.N * s.k, D = s.D, F = s.F;
   const Groups g = GroupByExpert(ids.typed_data(), M, s.E);
-  const int lanes = omp_get_max_threads();
-  const auto plan = PlanLanes(g, lanes);
-  std::vector<std::vector<float>> acc(lanes);
   float* gu_M2F = gu->typed_data();
-  const float* w_M = weights.typed_data();
-  scipy_openblas_set_num_threads(1);
-#pragma omp parallel for schedule(static, 1)
-  for (int t = 0; t < lanes; ++t) {
-    acc[t].assign(s.N * D, 0.0f);
-    Scratch sc;
-    for (const int64_t e : plan[t]) {
-      const int64_t begin = g.start[e], rows = g.start[e + 1] - begin;
-      sc.Fit(rows, D, F);
-      const int64_t* assignments = g.order.data() + begin;
-      float *x_rows = sc.a.data(), *h = sc.b.data(), *out = sc.c.data();
-      GatherRows(x.typed_data(), assignments, rows, s.k, D, x_rows);
-      float* gu_rows = gu_M2F + begin * 2 * F;
-      Gemm(false, false, rows, F, D, x_rows, D, gate.typed_data() + e * D * F, F, 0.0f, gu_rows, 2 * F);
-      Gemm(false, false, rows, F, D, x_rows, D, up.typed_data() + e * D * F, F, 0.0f, gu_rows + F, 2 * F);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* gr = gu_rows + r * 2 * F;
-        float* hr = h + r * F;
+  ForExpertsInLanes(g, s.N * D, y->typed_data(), [&](int64_t e, int64_t rows, Scratch& sc, float* y_acc) {
+    sc.Fit(rows, D, F);
+    const int64_t* assignments = g.order.data() + g.start[e];
+    float *x_rows = sc.a.data(), *h = sc.b.data(), *out = sc.c.data();
+    GatherRows(x.typed_data(), assignments, rows, s.k, D, x_rows);
+    float* gu_rows = gu_M2F + g.start[e] * 2 * F;
+    Gemm(false, false, rows, F, D, x_rows, D, gate.typed_data() + e * D * F, F, 0.0f, gu_rows, 2 * F);
+    Gemm(false, false, rows, F, D, x_rows, D, up.typed_data() + e * D * F, F, 0.0f, gu_rows + F, 2 * F);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gr = gu_rows + r * 2 * F;
+      float* hr = h + r * F;
 #pragma omp simd
-        for (int64_t f = 0; f < F; ++f) hr[f] = gr[f] * Sigmoid(gr[f]) * gr[F + f];
-      }
-      Gemm(false, false, rows, D, F, h, F, down.typed_data() + e * F * D, D, 0.0f, out, D);
-      float* y_acc = acc[t].data();
-      for (int64_t r = 0; r < rows; ++r) {
-        const float wr = w_M[assignments[r]];
-        float* dst = y_acc + (assignments[r] / s.k) * D;
-        const float* src = out + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] += wr * src[d];
-      }
+      for (int64_t f = 0; f < F; ++f) hr[f] = gr[f] * Sigmoid(gr[f]) * gr[F + f];
     }
-  }
-  ReduceAccumulators(acc, y->typed_data(), s.N * D);
+    Gemm(false, false, rows, D, F, h, F, down.typed_data() + e * F * D, D, 0.0f, out, D);
+    ScatterAddRows(out, assignments, rows, s.k, D, weights.typed_data(), y_acc);
+  });
   // Rows past the assigned ones (invalid ids) are never read; keep them defined.
   std::memset(gu_M2F + g.start[s.E] * 2 * F, 0, sizeof(float) * (M - g.start[s.E]) * 2 * F);
   return ffi::Error::Success();
@@ -200,70 +209,49 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buf
   if (ffi::Error err = CheckShapes(s, x, ids, weights, gate, up, down); err.failure()) return err;
   const int64_t M = s.N * s.k, D = s.D, F = s.F;
   const Groups g = GroupByExpert(ids.typed_data(), M, s.E);
-  const int lanes = omp_get_max_threads();
-  const auto plan = PlanLanes(g, lanes);
-  std::vector<std::vector<float>> acc(lanes);
   const float* w_M = weights.typed_data();
   float* dw_M = dweights->typed_data();
-  std::memset(dw_M, 0, sizeof(float) * M);
-  for (int64_t e = 0; e < s.E; ++e) {  // experts without rows: zero weight gradients
+  std::memset(dw_M, 0, sizeof(float) * M);  // invalid ids keep a zero routing-weight gradient
+  for (int64_t e = 0; e < s.E; ++e) {         // experts without rows: zero weight gradients
     if (g.start[e + 1] > g.start[e]) continue;
     std::memset(dgate->typed_data() + e * D * F, 0, sizeof(float) * D * F);
     std::memset(dup->typed_data() + e * D * F, 0, sizeof(float) * D * F);
     std::memset(ddown->typed_data() + e * F * D, 0, sizeof(float) * F * D);
   }
-  scipy_openblas_set_num_threads(1);
-#pragma omp parallel for schedule(static, 1)
-  for (int t = 0; t < lanes; ++t) {
-    acc[t].assign(s.N * D, 0.0f);
-    Scratch sc;
-    for (const int64_t e : plan[t]) {
-      const int64_t begin = g.start[e], rows = g.start[e + 1] - begin;
-      float* dgate_e = dgate->typed_data() + e * D * F;
-      float* dup_e = dup->typed_data() + e * D * F;
-      float* ddown_e = ddown->typed_data() + e * F * D;
-      sc.Fit(rows, D, F);
-      const int64_t* assignments = g.order.data() + begin;
-      float *x_rows = sc.a.data(), *dy_rows = sc.b.data(), *dgu = sc.c.data(), *work = sc.d.data();
-      GatherRows(x.typed_data(), assignments, rows, s.k, D, x_rows);
-      GatherRows(dy.typed_data(), assignments, rows, s.k, D, dy_rows);
-      // dyW = dy down_e^T: serves <out, dy> = <h, dyW> (routing weight) and dh = w * dyW.
-      float* dyw = work;
-      Gemm(false, true, rows, F, D, dy_rows, D, down.typed_data() + e * F * D, D, 0.0f, dyw, F);
-      const float* gu_rows = gu.typed_data() + begin * 2 * F;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float wr = w_M[assignments[r]];
-        const float* gr = gu_rows + r * 2 * F;
-        float* dyw_r = dyw + r * F;
-        float* dgu_r = dgu + r * 2 * F;
-        float dot = 0.0f;
+  ForExpertsInLanes(g, s.N * D, dx->typed_data(), [&](int64_t e, int64_t rows, Scratch& sc, float* dx_acc) {
+    sc.Fit(rows, D, F);
+    const int64_t* assignments = g.order.data() + g.start[e];
+    float *x_rows = sc.a.data(), *dy_rows = sc.b.data(), *dgu = sc.c.data(), *dyw = sc.d.data();
+    GatherRows(x.typed_data(), assignments, rows, s.k, D, x_rows);
+    GatherRows(dy.typed_data(), assignments, rows, s.k, D, dy_rows);
+    // dyW = dy down_e^T: serves <out, dy> = <h, dyW> (routing weight) and dh = w * dyW.
+    Gemm(false, true, rows, F, D, dy_rows, D, down.typed_data() + e * F * D, D, 0.0f, dyw, F);
+    const float* gu_rows = gu.typed_data() + g.start[e] * 2 * F;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float wr = w_M[assignments[r]];
+      const float* gr = gu_rows + r * 2 * F;
+      float* dyw_r = dyw + r * F;
+      float* dgu_r = dgu + r * 2 * F;
+      float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t f = 0; f < F; ++f) {
-          const float gv = gr[f], uv = gr[F + f], sg = Sigmoid(gv);
-          const float a = gv * sg, h = a * uv, dh = wr * dyw_r[f];
-          dot += h * dyw_r[f];
-          dgu_r[f] = dh * uv * sg * (1.0f + gv * (1.0f - sg));
-          dgu_r[F + f] = dh * a;
-          dyw_r[f] = wr * h;  // dyW is used up: keep w * h, the down projection's input gradient factor
-        }
-        dw_M[assignments[r]] = dot;
+      for (int64_t f = 0; f < F; ++f) {
+        const float gv = gr[f], uv = gr[F + f], sg = Sigmoid(gv);
+        const float a = gv * sg, h = a * uv, dh = wr * dyw_r[f];
+        dot += h * dyw_r[f];
+        dgu_r[f] = dh * uv * sg * (1.0f + gv * (1.0f - sg));
+        dgu_r[F + f] = dh * a;
+        dyw_r[f] = wr * h;  // dyW is used up: keep w * h, the down projection's input gradient factor
       }
-      Gemm(true, false, F, D, rows, dyw, F, dy_rows, D, 0.0f, ddown_e, D);
-      Gemm(true, false, D, F, rows, x_rows, D, dgu, 2 * F, 0.0f, dgate_e, F);
-      Gemm(true, false, D, F, rows, x_rows, D, dgu + F, 2 * F, 0.0f, dup_e, F);
-      float* dx_rows = x_rows;  // x rows are used up
-      Gemm(false, true, rows, D, F, dgu, 2 * F, gate.typed_data() + e * D * F, F, 0.0f, dx_rows, D);
-      Gemm(false, true, rows, D, F, dgu + F, 2 * F, up.typed_data() + e * D * F, F, 1.0f, dx_rows, D);
-      float* dx_acc = acc[t].data();
-      for (int64_t r = 0; r < rows; ++r) {
-        float* dst = dx_acc + (assignments[r] / s.k) * D;
-        const float* src = dx_rows + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
-      }
+      dw_M[assignments[r]] = dot;
     }
-  }
-  ReduceAccumulators(acc, dx->typed_data(), s.N * D);
+    Gemm(true, false, F, D, rows, dyw, F, dy_rows, D, 0.0f, ddown->typed_data() + e * F * D, D);
+    Gemm(true, false, D, F, rows, x_rows, D, dgu, 2 * F, 0.0f, dgate->typed_data() + e * D * F, F);
+    Gemm(true, false, D, F, rows, x_rows, D, dgu + F, 2 * F, 0.0f, dup->typed_data() + e * D * F, F);
+    float* dx_rows = x_rows;  // x rows are used up
+    Gemm(false, true, rows, D, F, dgu, 2 * F, gate.typed_data() + e * D * F, F, 0.0f, dx_rows, D);
+    Gemm(false, true, rows, D, F, dgu + F, 2 * F, up.typed_data() + e * D * F, F, 1.0f, dx_rows, D);
+    ScatterAddRows(dx_rows, assignments, rows, s.k, D, nullptr, dx_acc);
+  });
   return ffi::Error::Success();
 }
 

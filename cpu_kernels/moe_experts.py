@@ -59,6 +59,16 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
+def call_matmul_flops(target_name: str, operand_shapes) -> float | None:
+    """Matmul FLOPs of one call of this kernel's FFI targets (None for other targets), counting every
+    assignment: forward 3 GEMMs of D x F per row, backward 6 (dyW, d down, d gate, d up, dx twice)."""
+    if target_name not in (_FORWARD, _BACKWARD):
+        return None
+    (N, D), (_, k), gate_EDF = operand_shapes[0], operand_shapes[1], operand_shapes[3]
+    per_row = 2 * D * gate_EDF[2] * (3 if target_name == _FORWARD else 6)
+    return float(N * k * per_row)
+
+
 def _vma(*arrays) -> tuple[str, ...]:
     """Mesh axes (inside `jax.shard_map`) along which any of `arrays` varies; () outside."""
     axes = set()

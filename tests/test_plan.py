@@ -240,6 +240,25 @@ def test_ragged_dot_counts_only_useful_flops():
     assert counted.total == 3 * 2 * 100 * 16 * 32
 
 
+def test_cpu_kernel_counts_its_gemms():
+    from cpu_kernels.moe_experts import available, unavailable_reason
+    from ling_jax.layers.dispatch import ExpertWeights, dispatch
+
+    if not available():
+        pytest.skip(str(unavailable_reason()))
+
+    N, k, D, F, E = 40, 3, 16, 24, 6
+
+    def f(x, ids, w, gate, up, down):
+        return dispatch(x, ids, w, ExpertWeights(gate, up, down), impl="cpu_kernel").sum()
+
+    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (((N, D), jnp.float32), ((N, k), jnp.int32), ((N, k), jnp.float32),
+                                                        ((E, D, F), jnp.float32), ((E, D, F), jnp.float32),
+                                                        ((E, F, D), jnp.float32))]
+    counted = program_flops(traced_jaxpr(jax.grad(f, argnums=(0, 2, 3, 4, 5)), *args))
+    assert counted.total == N * k * 2 * D * F * (3 + 6)  # forward 3 GEMMs per row, backward 6
+
+
 # --------------------------------------------------------------------------- mesh search
 def test_factorizations_cover_every_ordered_product():
     found = factorizations(8)

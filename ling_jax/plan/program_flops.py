@@ -5,8 +5,9 @@ once, whatever its trip count (measured: a 4-step and an 8-step `lax.scan` of th
 report the same FLOPs), so for a model whose layers are an `nn.scan` it sees about one layer per
 stack. The jaxpr still has each scan's `length`, so here every scan body is multiplied by it.
 
-What is counted: `dot_general` (2 x output elements x contracted size) and `ragged_dot_general`
-(2 x lhs elements x rhs free size: each row meets one group's weights, so only the useful work),
+What is counted: `dot_general` (2 x output elements x contracted size), `ragged_dot_general`
+(2 x lhs elements x rhs free size: each row meets one group's weights, so only the useful work) and
+the GEMMs inside the CPU MoE kernel's FFI calls (`cpu_kernels.moe_experts.call_matmul_flops`),
 everywhere in the program: forward, the backward pass and remat recomputation. Elementwise work
 and collectives are not counted. `while` loops with a data-dependent trip count are counted once
 (the count is unknown) and reported in `unknown_trip_loops`. `shard_map` bodies see per-shard
@@ -20,6 +21,8 @@ import math
 
 import jax
 from jax.extend import core as jex_core
+
+from cpu_kernels.moe_experts import call_matmul_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,9 @@ def _count(jaxpr, scale_loops: bool) -> tuple[float, int]:
             flops += _dot_flops(eqn)
         elif name == "ragged_dot_general":
             flops += _ragged_dot_flops(eqn)
+        elif name == "ffi_call" and (kernel := call_matmul_flops(
+                eqn.params.get("target_name", ""), [v.aval.shape for v in eqn.invars])) is not None:
+            flops += kernel
         elif name == "scan":
             body, n = _count(eqn.params["jaxpr"].jaxpr, scale_loops)
             flops += body * (eqn.params["length"] if scale_loops else 1)
