@@ -20,7 +20,8 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
   second call for the backward. No padding rows, no loop over blocks. CPU and float32 only.
 
 `default_dispatch(platform)` picks the implementation per backend. Ids outside [0, E) mean "no
-assignment" for "dense" and "blocked" (expert parallelism relies on it); "ragged" needs valid ids.
+assignment" for "dense", "blocked" and "cpu_kernel" (expert parallelism relies on it); "ragged" needs
+valid ids.
 
 These functions see whatever tokens they are given. Under a mesh the MoE layer calls them per shard
 (`per_shard_dispatch` in ling_jax/layers/expert_parallel.py, inside `jax.shard_map`), so the
