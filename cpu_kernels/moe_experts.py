@@ -26,8 +26,8 @@ import sys
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+
+from pallas_kernels import common
 
 _FORWARD = "ling_moe_experts_forward"
 _BACKWARD = "ling_moe_experts_backward"
@@ -69,30 +69,15 @@ def call_matmul_flops(target_name: str, operand_shapes) -> float | None:
     return float(N * k * per_row)
 
 
-def _vma(*arrays) -> tuple[str, ...]:
-    """Mesh axes (inside `jax.shard_map`) along which any of `arrays` varies; () outside."""
-    axes = set()
-    for a in arrays:
-        aval = jax.typeof(a)
-        manual = getattr(aval, "manual_axis_type", None)  # jax 0.10: aval.manual_axis_type.varying
-        axes |= set(manual.varying) if manual is not None else set(getattr(aval, "vma", ()))
-    return tuple(sorted(axes))
-
-
 def _call(target: str, out_shapes, *args):
-    """The FFI call with every operand and result typed as varying along the operands' mesh axes
-    (the FFI call's typing rule wants operands that agree)."""
-    vma = _vma(*args)
-    if vma:
-        args = tuple(a if set(_vma(a)) == set(vma) else lax.pcast(a, tuple(sorted(set(vma) - set(_vma(a)))),
-                                                               to="varying") for a in args)
-        aval = jax.typeof(args[0])
-        out_shapes = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(aval.sharding.mesh, P()),
-                                           manual_axis_type=aval.manual_axis_type) for s in out_shapes]
-    else:
-        out_shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes]
+    """The FFI call, inside `jax.shard_map` with every operand and result typed as varying along the
+    mesh axes any operand varies along (the FFI call's typing rule wants operands that agree)."""
+    vma = common.varying_axes(*args)
+    args = tuple(lax.pcast(a, tuple(sorted(vma - common.varying_axes(a))), to="varying")
+                 if vma - common.varying_axes(a) else a for a in args)
     # Under jax.vmap (e.g. per-position gradients) the call runs once per batch element.
-    return jax.ffi.ffi_call(target, out_shapes, vmap_method="sequential")(*args)
+    return jax.ffi.ffi_call(target, [common.out_struct(s, jnp.float32, *args) for s in out_shapes],
+                            vmap_method="sequential")(*args)
 
 
 def _check(x_ND, ids_Nk, weights_Nk, gate_EDF, up_EDF, down_EFD) -> None:
@@ -127,11 +112,10 @@ def _experts_bwd(residuals, dy_ND):
     shapes = [a.shape for a in (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)]
     dx, dweights, dgate, dup, ddown = _call(_BACKWARD, shapes, x_ND, ids_Nk, weights_Nk, gate_EDF, up_EDF,
                                             down_EFD, dy_ND.astype(jnp.float32), gu_M2F)
-    cts = []
-    for ct, primal in zip((dx, dweights, dgate, dup, ddown), (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)):
-        extra = tuple(sorted(set(_vma(ct)) - set(_vma(primal))))  # undo the pcast of an invariant operand
-        cts.append(lax.psum(ct, extra) if extra else ct)
-    return cts[0], None, cts[1], cts[2], cts[3], cts[4]
+    # Undo the pcast of invariant operands (`_call`): their cotangents are summed over those axes.
+    dx, dweights, dgate, dup, ddown = (common.reduce_to_varying(ct, p) for ct, p in zip(
+        (dx, dweights, dgate, dup, ddown), (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)))
+    return dx, None, dweights, dgate, dup, ddown
 
 
 _experts.defvjp(_experts_fwd, _experts_bwd)

@@ -1,11 +1,12 @@
 """What every kernel's wrapper shares: where the Pallas path runs, the one-time fallback warning, and
-output structs typed for `jax.shard_map`."""
+the `jax.shard_map` typing of kernel calls and custom VJPs (varying axes, result structs, cotangents)."""
 
 from __future__ import annotations
 
 import warnings
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
 _warned: set[tuple[str, str]] = set()
 
@@ -30,15 +31,29 @@ def warn_fallback_once(op: str, reason: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
-  """`pallas_call` out_shape that varies over the mesh axes any of `inputs` varies over.
+def varying_axes(*arrays) -> frozenset:
+  """The manual mesh axes (inside `jax.shard_map`) along which any of `arrays` varies; empty outside."""
+  types = [getattr(jax.typeof(x), "mat", None) for x in arrays]
+  return frozenset().union(*(t.varying for t in types if t is not None))
 
-  Inside `jax.shard_map` (check_vma=True, the default) a pallas_call must state how its outputs vary
-  across the manual mesh axes; outside one the type is ignored.
+
+def reduce_to_varying(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """Cotangent of `primal`: `ct` summed over the mesh axes it varies along but `primal` does not (the
+  transpose of the implicit broadcast of an invariant input, as JAX's own VJPs do)."""
+  extra = varying_axes(ct) - varying_axes(primal)
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+  """`pallas_call` / `ffi_call` result type that varies over the mesh axes any of `inputs` varies over.
+
+  Inside `jax.shard_map` (check_vma=True, the default) a kernel call must state how its outputs vary
+  across the manual mesh axes; outside one the type is ignored. The struct carries the inputs' mesh
+  (unsharded within the shard), which `ffi_call` needs beside the varying axes.
   """
-  types = [getattr(jax.typeof(x), "mat", None) for x in inputs]
-  types = [t for t in types if t is not None]
-  if not types:
+  varying = varying_axes(*inputs)
+  if not varying:
     return jax.ShapeDtypeStruct(shape, dtype)
-  varying = frozenset().union(*(t.varying for t in types))
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(types[0])(varying=varying))
+  aval = next(jax.typeof(x) for x in inputs if getattr(jax.typeof(x), "mat", None) is not None)
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(aval.sharding.mesh, PartitionSpec()),
+                              manual_axis_type=type(aval.mat)(varying=varying))

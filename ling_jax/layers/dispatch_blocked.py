@@ -91,6 +91,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ling_jax.layers.expert_sort import sort_order
+from pallas_kernels.common import reduce_to_varying, varying_axes
 
 MIN_AUTO_BLOCK, MAX_AUTO_BLOCK = 8, 256
 # Rows per loop step: small blocks are grouped P = max(1, STEP_ROWS // b) to a step and multiplied as one
@@ -178,28 +179,11 @@ def _take_rows(src_XD: jax.Array, idx_I: jax.Array) -> jax.Array:
     return src_XD.at[idx_I].get(mode="fill", fill_value=0)
 
 
-def _vma(*arrays) -> frozenset:
-    """Mesh axes along which any of `arrays` varies (inside `jax.shard_map`; empty outside)."""
-    axes = frozenset()
-    for a in arrays:
-        aval = jax.typeof(a)
-        manual = getattr(aval, "manual_axis_type", None)  # jax 0.10: aval.manual_axis_type.varying
-        axes |= frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
-    return axes
-
-
 def _zeros(shape, dtype, vma: frozenset) -> jax.Array:
     """Zeros typed as varying along `vma`, so that loop carries and cond branches built from them
     type-check against values computed from the (varying) inputs under shard_map's check_vma."""
     z = jnp.zeros(shape, dtype)
     return lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
-
-
-def _reduce_to_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """Cotangent of `primal`: summed over the mesh axes it varies along but `primal` does not (the
-    transpose of the implicit broadcast of an invariant input, as JAX's own VJPs do)."""
-    extra = _vma(ct) - _vma(primal)
-    return lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
 def _silu_and_grad(g):
@@ -239,7 +223,7 @@ def _blocked_swiglu_fwd(x_ND, row_weight_R, fused, layout: BlockLayout, block_si
     gate_up_ED2F, down_EFD = fused
     P, b, F2 = blocks_per_step(block_size), block_size, gate_up_ED2F.shape[2]
     N, D = x_ND.shape
-    vma = _vma(x_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R)
+    vma = varying_axes(x_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R)
 
     def step(y_ND, inp):
         q_P, e_P, token_Pb, weight_Pb = inp
@@ -274,7 +258,7 @@ def _blocked_swiglu_bwd(x_ND, dy_ND, row_weight_R, fused, layout: BlockLayout, b
     N, D = x_ND.shape
     R = layout.row_token_R.shape[0]
     f32 = jnp.float32
-    vma = _vma(x_ND, dy_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R, gu_SPb2F)
+    vma = varying_axes(x_ND, dy_ND, row_weight_R, gate_up_ED2F, down_EFD, layout.row_token_R, gu_SPb2F)
 
     def step(carry, inp):
         q_P, e_P, token_Pb, weight_Pb, gu_Pb2F = inp
@@ -345,7 +329,7 @@ def _blocked_moe_bwd(block_size, residuals, dy_ND):
            dup_EDF.astype(wdtype), ddown_EFD.astype(wdtype))
     # gate and up share their vma with the fused array they were concatenated into.
     primals = (x_ND, weights_Nk, fused[0], fused[0], fused[1])
-    return (*(_reduce_to_vma(ct, p) for ct, p in zip(cts, primals)), None)
+    return (*(reduce_to_varying(ct, p) for ct, p in zip(cts, primals)), None)
 
 
 _blocked_moe.defvjp(_blocked_moe_fwd, _blocked_moe_bwd)

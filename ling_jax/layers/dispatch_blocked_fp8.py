@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from ling_jax.layers.dispatch_blocked import (
-    BlockLayout, _block_inputs, _reduce_to_vma, _row_weights, _silu_and_grad, _take_rows, _vma, _zeros,
+    BlockLayout, _block_inputs, _row_weights, _silu_and_grad, _take_rows, _zeros,
 )
 from ling_jax.layers.fp8 import scaled_gemm
+from pallas_kernels.common import reduce_to_varying, varying_axes
 from pallas_kernels.fp8_matmul import QUANT_BLOCK, quantize_blocks, quantize_tiles
 
 FP8_BLOCK_MULTIPLE = QUANT_BLOCK  # row blocks hold whole 128-row quantization tiles
@@ -102,7 +103,7 @@ def _fwd_scan(x_ND, row_weight_R, qw: _QuantizedExperts, layout: BlockLayout, st
     """y [N, D] float32 and the saved pre-activations [g | u] of every row [R, 2F] (x's dtype)."""
     gemm, b, D = scaled_gemm(static.impl), static.block_size, x_ND.shape[1]
     x_q, x_s = quantize_tiles(x_ND)  # per row: the same tiles whichever block a row lands in
-    vma = _vma(x_ND, row_weight_R, *qw, layout.row_token_R)
+    vma = varying_axes(x_ND, row_weight_R, *qw, layout.row_token_R)
 
     def block(y_ND, inp):
         q, e, token_b, weight_b = inp
@@ -129,7 +130,7 @@ def _bwd_scan(x_ND, dy_ND, row_weight_R, qw: _QuantizedExperts, layout: BlockLay
     (N, D), F = x_ND.shape, gu_R2F.shape[1] // 2
     E = qw.down_q.shape[0]
     f32 = jnp.float32
-    vma = _vma(x_ND, dy_ND, row_weight_R, *qw, layout.row_token_R, gu_R2F)
+    vma = varying_axes(x_ND, dy_ND, row_weight_R, *qw, layout.row_token_R, gu_R2F)
 
     def block(carry, inp):
         q, e, token_b, weight_b, gu_b2F = inp
@@ -205,7 +206,7 @@ def _bwd(static: _Static, residuals, dy_ND):
            dgate_up_ED2F[:, :, :F].astype(gate_EDF.dtype), dgate_up_ED2F[:, :, F:].astype(up_EDF.dtype),
            ddown_EFD.astype(down_EFD.dtype))
     primals = (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)
-    return (*(_reduce_to_vma(ct, p) for ct, p in zip(cts, primals)), None)
+    return (*(reduce_to_varying(ct, p) for ct, p in zip(cts, primals)), None)
 
 
 _blocked_moe_fp8.defvjp(_fwd, _bwd)
