@@ -90,3 +90,12 @@ def test_vmap_runs_per_element():
     got = jax.vmap(lambda x: moe_experts(x, ids, w, gate, up, down))(xs)
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(moe_experts(xs[i], ids, w, gate, up, down)))
+
+
+def test_unbuilt_kernel_says_why(monkeypatch):
+    import cpu_kernels.moe_experts as kernel_module
+
+    monkeypatch.setattr(kernel_module, "unavailable_reason", lambda: "the extension was not built (test)")
+    x, ids, w, experts = problem()
+    with pytest.raises(RuntimeError, match="the extension was not built"):
+        dispatch(x, ids, w, experts, impl="cpu_kernel")
