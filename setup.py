@@ -25,8 +25,10 @@ def _kernel_extensions():
         Extension(
             "cpu_kernels._moe_experts",
             sources=["cpu_kernels/moe_experts.cc"],
-            include_dirs=[os.path.join(os.path.dirname(jaxlib.__file__), "include"),
-                          scipy_openblas32.get_include_dir()],
+            include_dirs=[
+                os.path.join(os.path.dirname(jaxlib.__file__), "include"),
+                scipy_openblas32.get_include_dir(),
+            ],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-w"],
             extra_link_args=["-fopenmp"],

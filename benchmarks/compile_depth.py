@@ -4,7 +4,8 @@ Both stacks are `nn.scan`s, so XLA compiles one layer body per stack whatever th
 80-layer step should compile within 1.5x the 8-layer one. The model is Ling-1T's layout (4 dense
 layers, then MoE layers, 1 MTP layer, 256 experts top-8 in 8 groups, GQA 8:1, head_dim 128, full
 remat, dense dispatch) at a narrower width: hidden 1024, expert width 256 (granularity 8 as in
-Ling 2.0), dense FFN 2304, vocabulary 32,768, 4 sequences of 2,048 tokens per device. Compiled ahead of time for a TPU topology (libtpu, no TPU needed); without libtpu
+Ling 2.0), dense FFN 2304, vocabulary 32,768, 4 sequences of 2,048 tokens per device. Compiled ahead
+of time for a TPU topology (libtpu, no TPU needed); without libtpu
 it falls back to 8 emulated CPU devices and says so.
 
     python benchmarks/compile_depth.py                          # v5p:2x2x2, mesh fsdp=8, 2 repeats
@@ -46,10 +47,24 @@ def experiment(depth: int, hidden: int, batch: int, seq_len: int, mesh: dict):
 
     config = base_config()
     config.model.update(
-        vocab_size=32768, hidden_size=hidden, num_layers=depth, num_heads=hidden // 128, num_kv_heads=hidden // 1024,
-        head_dim=128, intermediate_size=hidden * 9 // 4, num_experts=256, num_experts_per_tok=8, n_group=8,
-        topk_group=4, moe_intermediate_size=hidden // 4, first_k_dense_replace=4, num_mtp_layers=1,
-        max_position_embeddings=seq_len, dtype="bfloat16", remat_policy="full", scan_layers=True,
+        vocab_size=32768,
+        hidden_size=hidden,
+        num_layers=depth,
+        num_heads=hidden // 128,
+        num_kv_heads=hidden // 1024,
+        head_dim=128,
+        intermediate_size=hidden * 9 // 4,
+        num_experts=256,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        moe_intermediate_size=hidden // 4,
+        first_k_dense_replace=4,
+        num_mtp_layers=1,
+        max_position_embeddings=seq_len,
+        dtype="bfloat16",
+        remat_policy="full",
+        scan_layers=True,
         moe_dispatch="dense",  # partitions over the batch at any mesh (see benchmarks/README.md)
     )
     config.train.update(batch_size=batch, seq_len=seq_len)
@@ -62,8 +77,9 @@ def main(argv=None):
     missing = libtpu_missing_reason()
     if missing:
         os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={CPU_DEVICES}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={CPU_DEVICES}"
+        )
         print(f"libtpu unavailable ({missing}): compiling for {CPU_DEVICES} emulated CPU devices instead")
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only described, never used
@@ -93,9 +109,19 @@ def main(argv=None):
     ratio = deep / shallow
     verdict = "OK" if ratio <= MAX_RATIO else f"ABOVE {MAX_RATIO}"
     print(f"{depths[1]} vs {depths[0]} layers: {deep:.1f} s / {shallow:.1f} s = {ratio:.2f}x ({verdict})")
-    print_json_line({"target": target, "mesh": mesh, "hidden": args.hidden, "depths": depths,
-                     f"seconds_{depths[0]}": shallow, f"seconds_{depths[1]}": deep, "ratio": ratio,
-                     "max_ratio": MAX_RATIO, "libtpu": missing is None})
+    print_json_line(
+        {
+            "target": target,
+            "mesh": mesh,
+            "hidden": args.hidden,
+            "depths": depths,
+            f"seconds_{depths[0]}": shallow,
+            f"seconds_{depths[1]}": deep,
+            "ratio": ratio,
+            "max_ratio": MAX_RATIO,
+            "libtpu": missing is None,
+        }
+    )
     return 0 if ratio <= MAX_RATIO else 1
 
 

@@ -59,18 +59,35 @@ def main():
     for seed in args.seeds:
         f32_loss, f32_heldout = train("off", args.steps, args.workdir / f"float32_seed{seed}", seed)
         fp8_loss, fp8_heldout = train("xla", args.steps, args.workdir / f"fp8_seed{seed}", seed)
-        row = {"seed": seed, "float32_loss": f32_loss, "fp8_loss": fp8_loss,
-               "relative_gap": (fp8_loss - f32_loss) / f32_loss, "float32_heldout": f32_heldout,
-               "fp8_heldout": fp8_heldout, "heldout_relative_gap": (fp8_heldout - f32_heldout) / f32_heldout}
+        row = {
+            "seed": seed,
+            "float32_loss": f32_loss,
+            "fp8_loss": fp8_loss,
+            "relative_gap": (fp8_loss - f32_loss) / f32_loss,
+            "float32_heldout": f32_heldout,
+            "fp8_heldout": fp8_heldout,
+            "heldout_relative_gap": (fp8_heldout - f32_heldout) / f32_heldout,
+        }
         rows.append(row)
-        print(f"seed {seed}, steps {args.steps}: float32 final loss {f32_loss:.5f}, fp8 {fp8_loss:.5f}, relative gap "
-              f"{row['relative_gap']:+.4%}; held-out float32 {f32_heldout:.5f}, fp8 {fp8_heldout:.5f}, relative gap "
-              f"{row['heldout_relative_gap']:+.4%}", flush=True)
+        print(
+            f"seed {seed}, steps {args.steps}: float32 final loss {f32_loss:.5f}, fp8 {fp8_loss:.5f}, relative gap "
+            f"{row['relative_gap']:+.4%}; held-out float32 {f32_heldout:.5f}, fp8 {fp8_heldout:.5f}, relative gap "
+            f"{row['heldout_relative_gap']:+.4%}",
+            flush=True,
+        )
     mean_gap = sum(r["relative_gap"] for r in rows) / len(rows)
     mean_heldout_gap = sum(r["heldout_relative_gap"] for r in rows) / len(rows)
     print(f"mean over {len(rows)} seed(s): relative gap {mean_gap:+.4%}, held-out {mean_heldout_gap:+.4%}")
-    print(json.dumps({"steps": args.steps, "seeds": rows, "mean_relative_gap": mean_gap,
-                      "mean_heldout_relative_gap": mean_heldout_gap}))
+    print(
+        json.dumps(
+            {
+                "steps": args.steps,
+                "seeds": rows,
+                "mean_relative_gap": mean_gap,
+                "mean_heldout_relative_gap": mean_heldout_gap,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

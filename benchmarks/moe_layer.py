@@ -52,12 +52,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    compiled, interleaved_times, matmul_peak_gflops, paired_ratio, print_json_line, print_table,
+    compiled,
+    interleaved_times,
+    matmul_peak_gflops,
+    paired_ratio,
+    print_json_line,
+    print_table,
 )
 from ling_jax.config import MOE_DISPATCHES, ModelConfig  # noqa: E402
-from ling_jax.layers.dispatch import default_dispatch  # noqa: E402
 from ling_jax.layers.moe import EXPERT_BIAS, MoE  # noqa: E402
-from ling_jax.layers.routing import route  # noqa: E402
+from ling_jax.ops.dispatch import default_dispatch  # noqa: E402
+from ling_jax.ops.routing import route  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -72,26 +77,47 @@ def parse_args(argv=None):
     p.add_argument("--shared", type=int, default=1)
     p.add_argument("--dtype", default="float32")
     # "auto" is an alias (on CPU: cpu_kernel where built, else blocked), not a path of its own.
-    p.add_argument("--paths", default=",".join(d for d in MOE_DISPATCHES if d != "auto"),
-                   help="comma-separated moe_dispatch values")
+    p.add_argument(
+        "--paths",
+        default=",".join(d for d in MOE_DISPATCHES if d != "auto"),
+        help="comma-separated moe_dispatch values",
+    )
     p.add_argument("--runs", type=int, default=7, help="timed rounds of the default CPU path vs the floor")
     p.add_argument("--ref-runs", type=int, default=1, help="timed rounds of the other (slow) paths")
-    p.add_argument("--ref-tokens", type=int, default=1024,
-                   help="tokens for the slow reference paths (0: same as --tokens); ragged on XLA:CPU is "
-                        "~35x the floor, ~4 min per call at 8192 tokens on 2 cores")
+    p.add_argument(
+        "--ref-tokens",
+        type=int,
+        default=1024,
+        help="tokens for the slow reference paths (0: same as --tokens); ragged on XLA:CPU is "
+        "~35x the floor, ~4 min per call at 8192 tokens on 2 cores",
+    )
     p.add_argument("--skew", type=float, default=4.0, help="target load of expert 0 / mean load")
     p.add_argument("--no-skewed", action="store_true", help="skip the skewed-load measurement")
-    p.add_argument("--single-thread", action="store_true",
-                   help="run XLA:CPU on one thread (steadier ratios on a shared, loaded machine)")
+    p.add_argument(
+        "--single-thread",
+        action="store_true",
+        help="run XLA:CPU on one thread (steadier ratios on a shared, loaded machine)",
+    )
     return p.parse_args(argv)
 
 
 def make_config(args) -> ModelConfig:
     return ModelConfig(
-        vocab_size=256, hidden_size=args.hidden, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-        intermediate_size=4 * args.hidden, num_experts=args.experts, num_experts_per_tok=args.top_k,
-        n_group=args.groups, topk_group=args.topk_groups, num_shared_experts=args.shared,
-        moe_intermediate_size=args.expert_width, dtype=args.dtype, param_dtype=args.dtype,
+        vocab_size=256,
+        hidden_size=args.hidden,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=4 * args.hidden,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        n_group=args.groups,
+        topk_group=args.topk_groups,
+        num_shared_experts=args.shared,
+        moe_intermediate_size=args.expert_width,
+        dtype=args.dtype,
+        param_dtype=args.dtype,
     )
 
 
@@ -115,8 +141,14 @@ def bias_for_skew(cfg: ModelConfig, router_DE, x_ND, target: float) -> jax.Array
     @jax.jit
     def load_ratio(b0):
         bias_E = jnp.zeros((E,), jnp.float32).at[0].set(b0)
-        ids_Nk, _ = route(logits_NE, bias_E, top_k=k, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                          routed_scaling_factor=cfg.routed_scaling_factor)
+        ids_Nk, _ = route(
+            logits_NE,
+            bias_E,
+            top_k=k,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
         return jnp.sum(ids_Nk == 0) / (ids_Nk.size / E)
 
     lo, hi = 0.0, 1.0
@@ -185,8 +217,11 @@ def measure(problem: Problem, load: str, paths, runs: int) -> tuple[dict, dict, 
     samples = interleaved_times(cases, warmup=1 if runs > 1 else 0, runs=runs)  # compiled ahead of time
     seconds = {name: statistics.median(t) for name, t in samples.items()}
     fastest_floor = min(samples["floor"])
-    return (seconds, {p: paired_ratio(samples, p, "floor") for p in paths},
-            {p: round(seconds[p] / fastest_floor, 3) for p in paths})
+    return (
+        seconds,
+        {p: paired_ratio(samples, p, "floor") for p in paths},
+        {p: round(seconds[p] / fastest_floor, 3) for p in paths},
+    )
 
 
 def main(argv=None):
@@ -201,11 +236,14 @@ def main(argv=None):
     main_problem = Problem(cfg, args.tokens, skew)
     ref_tokens = args.ref_tokens or args.tokens
     ref_problem = main_problem if ref_tokens == args.tokens else Problem(cfg, ref_tokens, skew)
-    print(f"hidden {cfg.hidden_size}, experts {cfg.num_experts} top-{cfg.num_experts_per_tok} (groups "
-          f"{cfg.n_group} keep {cfg.topk_group}), width {cfg.moe_intermediate_size}, shared "
-          f"{cfg.num_shared_experts}, {args.dtype}; matmul peak {peak:.0f} GFLOP/s; default CPU path {fast!r}; "
-          f"{', '.join(fast_paths)} at {args.tokens} tokens ({args.runs} rounds), reference paths at {ref_tokens} tokens "
-          f"({args.ref_runs} rounds)", flush=True)
+    print(
+        f"hidden {cfg.hidden_size}, experts {cfg.num_experts} top-{cfg.num_experts_per_tok} (groups "
+        f"{cfg.n_group} keep {cfg.topk_group}), width {cfg.moe_intermediate_size}, shared "
+        f"{cfg.num_shared_experts}, {args.dtype}; matmul peak {peak:.0f} GFLOP/s; default CPU path {fast!r}; "
+        f"{', '.join(fast_paths)} at {args.tokens} tokens ({args.runs} rounds), reference paths at {ref_tokens} tokens "
+        f"({args.ref_runs} rounds)",
+        flush=True,
+    )
 
     result, rows = {}, []
     for load in main_problem.loads:
@@ -218,9 +256,17 @@ def main(argv=None):
             ratios.update(group_ratios)
             conservative.update(group_conservative)
             for name, t in seconds.items():
-                rows.append({"load": load, "tokens": problem.tokens, "path": name, "seconds": t,
-                             "x_floor": group_ratios.get(name, 1.0), "GFLOP/s": problem.flops / t / 1e9,
-                             "max/mean": max_over_mean})
+                rows.append(
+                    {
+                        "load": load,
+                        "tokens": problem.tokens,
+                        "path": name,
+                        "seconds": t,
+                        "x_floor": group_ratios.get(name, 1.0),
+                        "GFLOP/s": problem.flops / t / 1e9,
+                        "max/mean": max_over_mean,
+                    }
+                )
             if problem is main_problem:
                 main_stats = {"floor_s": seconds["floor"], "max_over_mean": max_over_mean}
         ratios = {p: ratios[p] for p in paths}
@@ -230,8 +276,14 @@ def main(argv=None):
         else:
             result[load] = {**ratios, **main_stats}
     print_table(rows)
-    result.update(tokens=args.tokens, reference_tokens=ref_tokens, default_cpu_path=fast, peak_gflops=peak,
-                  single_thread=args.single_thread, malloc_huge_pages=huge_pages_in_effect())
+    result.update(
+        tokens=args.tokens,
+        reference_tokens=ref_tokens,
+        default_cpu_path=fast,
+        peak_gflops=peak,
+        single_thread=args.single_thread,
+        malloc_huge_pages=huge_pages_in_effect(),
+    )
     print_json_line(result)
 
 

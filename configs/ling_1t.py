@@ -5,8 +5,17 @@ from ling_jax.train.config import ling2_config
 
 
 def get_config():
-    config = ling2_config(layers=80, hidden=8192, heads=64, kv_heads=8, dense_width=18432, expert_width=2048,
-                          dense_layers=4, batch_size=18144, learning_rate=1.86e-4)
+    config = ling2_config(
+        layers=80,
+        hidden=8192,
+        heads=64,
+        kv_heads=8,
+        dense_width=18432,
+        expert_width=2048,
+        dense_layers=4,
+        batch_size=18144,
+        learning_rate=1.86e-4,
+    )
     config.model.remat_policy = "full"
     # moe_dispatch "auto" (ragged on TPU, per batch shard) compiled for v5p:16x16x16, mesh data=1 fsdp=512
     # expert=1 model=8, batch 512 x 4K: 31.22 GiB per chip at 1.25x the model FLOPs (dense: 36.26 GiB, 23.6x).

@@ -32,7 +32,14 @@ def get_config():
     )
     # A 500-step run: a faster balancing rate than the spec's 1e-3 (tuned for 10^5-step runs) so the
     # expert load evens out within the run; sampling at temperature 0.7 (greedy bytes loop quickly).
-    config.train.update(steps=500, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30,
-                        bias_update_rate=1e-2, sample_temperature=0.7)
+    config.train.update(
+        steps=500,
+        batch_size=16,
+        seq_len=128,
+        learning_rate=3e-3,
+        warmup_steps=30,
+        bias_update_rate=1e-2,
+        sample_temperature=0.7,
+    )
     config.checkpoint.update(every=50, keep=5)
     return config

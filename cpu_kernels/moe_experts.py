@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import common
+import shard_typing
 
 _FORWARD = "ling_moe_experts_forward"
 _BACKWARD = "ling_moe_experts_backward"
@@ -72,23 +72,36 @@ def call_matmul_flops(target_name: str, operand_shapes) -> float | None:
 def _call(target: str, out_shapes, *args):
     """The FFI call, inside `jax.shard_map` with every operand and result typed as varying along the
     mesh axes any operand varies along (the FFI call's typing rule wants operands that agree)."""
-    vma = common.varying_axes(*args)
-    args = tuple(lax.pcast(a, tuple(sorted(vma - common.varying_axes(a))), to="varying")
-                 if vma - common.varying_axes(a) else a for a in args)
+    vma = shard_typing.varying_axes(*args)
+    args = tuple(
+        lax.pcast(a, tuple(sorted(vma - shard_typing.varying_axes(a))), to="varying")
+        if vma - shard_typing.varying_axes(a)
+        else a
+        for a in args
+    )
     # Under jax.vmap (e.g. per-position gradients) the call runs once per batch element.
-    return jax.ffi.ffi_call(target, [common.out_struct(s, jnp.float32, *args) for s in out_shapes],
-                            vmap_method="sequential")(*args)
+    return jax.ffi.ffi_call(
+        target, [shard_typing.out_struct(s, jnp.float32, *args) for s in out_shapes], vmap_method="sequential"
+    )(*args)
 
 
 def _check(x_ND, ids_Nk, weights_Nk, gate_EDF, up_EDF, down_EFD) -> None:
     N, D = x_ND.shape
     E, _, F = gate_EDF.shape
-    want = {"x": (x_ND, (N, D)), "ids": (ids_Nk, (N, ids_Nk.shape[-1])), "weights": (weights_Nk, ids_Nk.shape),
-            "gate": (gate_EDF, (E, D, F)), "up": (up_EDF, (E, D, F)), "down": (down_EFD, (E, F, D))}
+    want = {
+        "x": (x_ND, (N, D)),
+        "ids": (ids_Nk, (N, ids_Nk.shape[-1])),
+        "weights": (weights_Nk, ids_Nk.shape),
+        "gate": (gate_EDF, (E, D, F)),
+        "up": (up_EDF, (E, D, F)),
+        "down": (down_EFD, (E, F, D)),
+    }
     for name, (array, shape) in want.items():
         if tuple(array.shape) != tuple(shape):
-            raise ValueError(f"moe_experts: {name} has shape {tuple(array.shape)}, expected {tuple(shape)} "
-                             f"(x [N, D], ids and weights [N, k], gate and up [E, D, F], down [E, F, D])")
+            raise ValueError(
+                f"moe_experts: {name} has shape {tuple(array.shape)}, expected {tuple(shape)} "
+                f"(x [N, D], ids and weights [N, k], gate and up [E, D, F], down [E, F, D])"
+            )
         dtype = jnp.int32 if name == "ids" else jnp.float32
         if array.dtype != dtype:
             raise ValueError(f"moe_experts: {name} must be {jnp.dtype(dtype).name}, got {array.dtype}")
@@ -110,11 +123,14 @@ def _experts_fwd(x_ND, ids_Nk, weights_Nk, gate_EDF, up_EDF, down_EFD):
 def _experts_bwd(residuals, dy_ND):
     x_ND, ids_Nk, weights_Nk, gate_EDF, up_EDF, down_EFD, gu_M2F = residuals
     shapes = [a.shape for a in (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)]
-    dx, dweights, dgate, dup, ddown = _call(_BACKWARD, shapes, x_ND, ids_Nk, weights_Nk, gate_EDF, up_EDF,
-                                            down_EFD, dy_ND.astype(jnp.float32), gu_M2F)
+    dx, dweights, dgate, dup, ddown = _call(
+        _BACKWARD, shapes, x_ND, ids_Nk, weights_Nk, gate_EDF, up_EDF, down_EFD, dy_ND.astype(jnp.float32), gu_M2F
+    )
     # Undo the pcast of invariant operands (`_call`): their cotangents are summed over those axes.
-    dx, dweights, dgate, dup, ddown = (common.reduce_to_varying(ct, p) for ct, p in zip(
-        (dx, dweights, dgate, dup, ddown), (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)))
+    dx, dweights, dgate, dup, ddown = (
+        shard_typing.reduce_to_varying(ct, p)
+        for ct, p in zip((dx, dweights, dgate, dup, ddown), (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD))
+    )
     return dx, None, dweights, dgate, dup, ddown
 
 

@@ -79,8 +79,11 @@ def _fail_unknown_config_field(argv: list[str], error: Exception, otherwise: str
     """Exit 2 naming the --config.* override(s) whose field does not exist. If no override mentions
     the missing key (it is no config typo): exit 2 with `otherwise`, or re-raise `error` without it."""
     key = str(error).strip("\"'")
-    culprits = [a.split("=", 1)[0].lstrip("-") for a in argv[2:]
-                if a.startswith(("--config.", "-config.")) and key in a.split("=", 1)[0].split(".")]
+    culprits = [
+        a.split("=", 1)[0].lstrip("-")
+        for a in argv[2:]
+        if a.startswith(("--config.", "-config.")) and key in a.split("=", 1)[0].split(".")
+    ]
     if not culprits:
         if otherwise is None:
             raise error

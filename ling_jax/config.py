@@ -8,7 +8,8 @@ cannot be constructed; each error names the offending field.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -48,9 +49,7 @@ class RopeScaling:
                 f"{self.original_max_position_embeddings}"
             )
         if not self.beta_fast > self.beta_slow > 0:
-            raise ConfigError(
-                f"rope_scaling: need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}"
-            )
+            raise ConfigError(f"rope_scaling: need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +90,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    moe_dispatch: str = "auto"  # CPU: cpu_kernel (blocked where not built); fp8: blocked; else ragged (TPU, Hopper) or dense
+    moe_dispatch: str = (
+        "auto"  # CPU: cpu_kernel (blocked where not built); fp8: blocked; else ragged (TPU, Hopper) or dense
+    )
     # 0: dropless. > 0: expert-parallel buffers sized for cf x the mean load, drops counted in the train
-    # metrics as moe_dropped (ling_jax/layers/expert_parallel.py); no effect without an expert mesh axis.
+    # metrics as moe_dropped (ling_jax/ops/expert_parallel.py); no effect without an expert mesh axis.
     moe_capacity_factor: float = 0.0
-    fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/layers/fp8.py)
+    fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/ops/fp8.py)
     router_impl: str = "xla"  # pallas_kernels/topk_router impl; "pallas" = the kernel (interpreted on CPU)
 
     def __post_init__(self):
@@ -135,15 +136,25 @@ class ModelConfig:
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         positive = (
-            "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-            "intermediate_size", "num_experts", "num_experts_per_tok", "n_group", "topk_group",
-            "moe_intermediate_size", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "num_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "moe_intermediate_size",
+            "max_position_embeddings",
         )
         for name in positive:
             value = getattr(self, name)
@@ -154,9 +165,7 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ConfigError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.head_dim * self.partial_rotary_factor != self.rotary_dim:
@@ -214,7 +223,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_mapping(cls, fields: Mapping[str, Any]) -> "ModelConfig":
+    def from_mapping(cls, fields: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from a plain mapping (e.g. an ml_collections ConfigDict's `to_dict()`).
 
         Unknown keys are an error naming them, so a typo never silently falls back to a default.

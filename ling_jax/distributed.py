@@ -9,8 +9,12 @@ import os
 import jax
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, cpu_devices_per_process: int = 0) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    cpu_devices_per_process: int = 0,
+) -> None:
     """Joins the job. Arguments left None come from the usual environment variables
     (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or, on TPU pods / SLURM / Open MPI,
     from JAX's own cluster detection. Does nothing for a single-process run."""
@@ -34,5 +38,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"--process_id {process_id} must be in [0, --num_processes={num_processes})")
     if jax.config.jax_platforms in ("cpu", None) or str(jax.config.jax_platforms).startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )

@@ -8,7 +8,8 @@ fixed size (longest prompt + max_new_tokens), so nothing recompiles as decoding 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,10 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> DecodeCa
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     return DecodeCache(
-        dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
-        segment_ids_BS=jnp.zeros((batch, slots), jnp.int32), index=jnp.int32(0),
+        dense=stack(cfg.num_dense_layers),
+        moe=stack(cfg.num_moe_layers),
+        segment_ids_BS=jnp.zeros((batch, slots), jnp.int32),
+        index=jnp.int32(0),
     )
 
 
@@ -50,15 +53,29 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
     ids_BT = np.full((len(prompts), T), pad_id, np.int32)
     segments_BT = np.zeros((len(prompts), T), np.int32)
     for b, p in enumerate(prompts):
-        ids_BT[b, T - len(p):] = p
-        segments_BT[b, T - len(p):] = 1
+        ids_BT[b, T - len(p) :] = p
+        segments_BT[b, T - len(p) :] = 1
     positions_BT = np.maximum(np.arange(T)[None, :] - (T - lengths)[:, None], 0).astype(np.int32)
     return ids_BT, positions_BT, segments_BT, lengths
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(variables, ids_BT, positions_BT, segments_BT, stop_ids, pad_id, rng, cache, *, cfg,
-              max_new_tokens, temperature, top_k, top_p):
+def _generate(
+    variables,
+    ids_BT,
+    positions_BT,
+    segments_BT,
+    stop_ids,
+    pad_id,
+    rng,
+    cache,
+    *,
+    cfg,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+):
     model = LingModel(cfg)
     B = ids_BT.shape[0]
     V = cfg.vocab_size
@@ -76,18 +93,24 @@ def _generate(variables, ids_BT, positions_BT, segments_BT, stop_ids, pad_id, rn
         step_logits_BNV = step_logits_BNV.at[:, step].set(logits_BV)
         lengths_B = lengths_B + (~done_B).astype(jnp.int32)
         done_B = done_B | is_stop(tok_B)
-        out = model.apply(variables, tok_B[:, None], pos_B[:, None], jnp.ones((B, 1), jnp.int32),
-                          cache=cache, with_mtp=False)
-        return (step + 1, out.cache, out.logits[:, -1], pos_B + 1, done_B, rng, tokens_BN, step_logits_BNV,
-                lengths_B)
+        out = model.apply(
+            variables, tok_B[:, None], pos_B[:, None], jnp.ones((B, 1), jnp.int32), cache=cache, with_mtp=False
+        )
+        return (step + 1, out.cache, out.logits[:, -1], pos_B + 1, done_B, rng, tokens_BN, step_logits_BNV, lengths_B)
 
     def cond(state):
         step, done_B = state[0], state[4]
         return (step < max_new_tokens) & ~jnp.all(done_B)
 
     state = (
-        jnp.int32(0), out.cache, out.logits[:, -1], positions_BT[:, -1] + 1, jnp.zeros((B,), bool), rng,
-        jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B, max_new_tokens, V), jnp.float32),
+        jnp.int32(0),
+        out.cache,
+        out.logits[:, -1],
+        positions_BT[:, -1] + 1,
+        jnp.zeros((B,), bool),
+        rng,
+        jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((B, max_new_tokens, V), jnp.float32),
         jnp.zeros((B,), jnp.int32),
     )
     state = jax.lax.while_loop(cond, body, state)
@@ -134,8 +157,18 @@ def generate(
     cache = init_cache(cfg, len(prompts), total)
     stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     tokens, lengths, step_logits = _generate(
-        variables, ids_BT, positions_BT, segments_BT, stop_ids, jnp.int32(pad_id), jax.random.key(seed), cache,
-        cfg=cfg, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+        variables,
+        ids_BT,
+        positions_BT,
+        segments_BT,
+        stop_ids,
+        jnp.int32(pad_id),
+        jax.random.key(seed),
+        cache,
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
         top_p=float(top_p),
     )
     return GenerateOutput(np.asarray(tokens), np.asarray(lengths), np.asarray(step_logits))

@@ -57,8 +57,9 @@ def router_z_loss(out: LingOutput, token_mask_BT: jax.Array) -> jax.Array:
     return (z_LBT * mask_BT).sum() / (jnp.maximum(mask_BT.sum(), 1.0) * logits_LBTE.shape[0])
 
 
-def lm_loss(out: LingOutput, targets_BT, loss_mask_BT, *, mtp_weight: float, z_loss_weight: float = 0.0,
-            token_mask_BT=None):
+def lm_loss(
+    out: LingOutput, targets_BT, loss_mask_BT, *, mtp_weight: float, z_loss_weight: float = 0.0, token_mask_BT=None
+):
     """Total loss = CE + mtp_weight * mean_i MTP_i CE (+ z_loss_weight * router z-loss), and parts."""
     main, count = masked_cross_entropy(out.logits, targets_BT, loss_mask_BT)
     metrics = {"ce_loss": main, "tokens": count}

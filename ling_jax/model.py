@@ -26,10 +26,10 @@ from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import KVCache, attention_mask
 from ling_jax.layers.basic import RMSNorm, param_with_axes
 from ling_jax.layers.decoder import ACTIVATION_AXES, MTPLayer
-from ling_jax.layers.fp8 import FP8_STATS, fp8_projection, quantization_stats
 from ling_jax.layers.moe import RouterStats
-from ling_jax.layers.rope import rope_cos_sin
 from ling_jax.layers.stack import LayerStack
+from ling_jax.ops.fp8 import FP8_STATS, fp8_projection, quantization_stats
+from ling_jax.ops.rope import rope_cos_sin
 
 
 class DecodeCache(NamedTuple):
@@ -81,7 +81,8 @@ class LingModel(nn.Module):
                 jnp.all((ids >= 0) & (ids < cfg.vocab_size)),
                 # Formatting arguments must be arrays (a Python int raises TypeError at trace time).
                 f"input_ids out of range [0, {cfg.vocab_size}): min id {{lo}}, max id {{hi}}",
-                lo=ids.min(), hi=ids.max(),
+                lo=ids.min(),
+                hi=ids.max(),
             )
         start = jnp.int32(0) if cache is None else cache.index
         index_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -92,8 +93,12 @@ class LingModel(nn.Module):
         token_mask_BT = segment_ids_BT != 0
 
         embedding_VD = param_with_axes(
-            self, "embedding", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size),
-            ("vocab", "embed"), cfg.jnp_param_dtype,
+            self,
+            "embedding",
+            nn.initializers.normal(cfg.init_std),
+            (cfg.vocab_size, cfg.hidden_size),
+            ("vocab", "embed"),
+            cfg.jnp_param_dtype,
         )
 
         def embed(ids_BT):
@@ -135,21 +140,28 @@ class LingModel(nn.Module):
             lm_head_DV = embedding_VD.T
         else:
             lm_head_DV = param_with_axes(
-                self, "lm_head", nn.initializers.normal(cfg.init_std), (cfg.hidden_size, cfg.vocab_size),
-                ("embed", "vocab"), cfg.jnp_param_dtype,
+                self,
+                "lm_head",
+                nn.initializers.normal(cfg.init_std),
+                (cfg.hidden_size, cfg.vocab_size),
+                ("embed", "vocab"),
+                cfg.jnp_param_dtype,
             )
 
         def logits(h_BTD):
             if cfg.fp8 != "off":  # float32 logits from the blockwise FP8 matmul (forward and backward)
-                return fp8_projection(h_BTD, lm_head_DV.astype(cfg.jnp_dtype), contract=1, impl=cfg.fp8,
-                                      out_dtype=jnp.float32)
+                return fp8_projection(
+                    h_BTD, lm_head_DV.astype(cfg.jnp_dtype), contract=1, impl=cfg.fp8, out_dtype=jnp.float32
+                )
             return jnp.einsum(
                 "BTD,DV->BTV", h_BTD, lm_head_DV.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32
             )
 
         if cfg.fp8 != "off":  # the head's quantization statistics, as every FP8 projection sows its own
-            for prefix, value, blocks in (("input", final_BTD.reshape(-1, cfg.hidden_size), False),
-                                          ("kernel", lm_head_DV, True)):
+            for prefix, value, blocks in (
+                ("input", final_BTD.reshape(-1, cfg.hidden_size), False),
+                ("kernel", lm_head_DV, True),
+            ):
                 for name, stat in quantization_stats(value, blocks=blocks).items():
                     self.sow(FP8_STATS, f"lm_head_{prefix}_{name}", stat)
 

@@ -8,11 +8,7 @@ transparent huge pages. XLA:CPU allocates every step's temporaries (462 MB for t
 of benchmarks/train_step.py) through glibc's malloc, which maps them afresh in 4 KiB pages on each
 call: 113 K page faults per step. glibc >= 2.35 advises huge pages for its mappings when started
 with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (it reads the variable only at start, hence the re-exec).
-Measured on the 2-core CPU host (2026-11-30, separate runs taken in turn): bench train step
-602-616 -> 506-544 ms, 545 page faults per step. Reusing the memory in 4 KiB pages instead (glibc
-arena_max=1, mmap_max=0: no page faults at all) was not faster (591-614 ms), so the gain comes from
-the page size (TLB reach), not from the faults; arena_max=1 with huge pages was slower still
-(621 ms, lock contention).
+The bench train step runs about 12% faster with it (benchmarks/README.md, "Huge pages").
 Kernels with THP "always" already do this; with "never" the tunable would change nothing.
 """
 
@@ -22,7 +18,7 @@ import glob
 import os
 import platform
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -55,7 +51,7 @@ def _thp_mode(path: str = THP_MODE_FILE) -> str | None:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def huge_pages_environment(environ: Mapping[str, str], thp_mode: str | None, libc: tuple[str, str]) -> dict | None:

@@ -158,9 +158,7 @@ class HyperparameterRecommendation:
     batch_sequences: int  # B_opt / seq_len rounded to the nearest whole sequence (>= 1)
 
 
-def recommend_hyperparameters(
-    *, flops_per_token: float, tokens: float, seq_len: int
-) -> HyperparameterRecommendation:
+def recommend_hyperparameters(*, flops_per_token: float, tokens: float, seq_len: int) -> HyperparameterRecommendation:
     """Peak LR and batch for a run of `tokens` tokens at `flops_per_token` (M, see module docstring)."""
     m = _check_positive("flops_per_token", flops_per_token)
     d = _check_positive("tokens", tokens)

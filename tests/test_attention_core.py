@@ -1,4 +1,4 @@
-"""ling_jax.layers.attention_core: causal query chunks and the reordered softmax equal plain attention."""
+"""ling_jax.ops.attention_core: causal query chunks and the reordered softmax equal plain attention."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ling_jax.layers.attention import attention_mask
-from ling_jax.layers.attention_core import causal_query_chunks, dot_product_attention
+from ling_jax.ops.attention_core import causal_query_chunks, dot_product_attention
 
 
 def naive_attention(q_BTHd, k_BSKd, v_BSKd, mask_BTS):
@@ -30,8 +30,8 @@ def packed_inputs(B=2, T=96, H=6, K=2, d=16, seed=0):
     v = jax.random.normal(keys[2], (B, T, K, d))
     # two packed documents in row 0 and trailing padding (segment 0) in row 1
     seg = np.ones((B, T), np.int32)
-    seg[0, T // 3:] = 2
-    seg[1, T - 10:] = 0
+    seg[0, T // 3 :] = 2
+    seg[1, T - 10 :] = 0
     idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
     return q, k, v, attention_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(idx), jnp.asarray(idx))
 

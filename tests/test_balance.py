@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice.common import finish_run_steps, small_experiment, start_run_steps
 
 from ling_jax.model import LingModel
 from ling_jax.train.balance import bias_delta, counts_like_bias, load_metrics, update_expert_bias
 from ling_jax.train.state import init_state, make_optimizer
-from multidevice.common import finish_run_steps, small_experiment, start_run_steps
 
 U = 1e-3
 
@@ -75,12 +75,12 @@ def test_load_metrics():
 @pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("num_mtp_layers", [0, 2])
 def test_counts_tree_matches_the_expert_bias_collection(scan_layers, num_mtp_layers):
-    cfg = small_experiment(model={"num_layers": 3, "scan_layers": scan_layers,
-                                  "num_mtp_layers": num_mtp_layers}).model
+    cfg = small_experiment(model={"num_layers": 3, "scan_layers": scan_layers, "num_mtp_layers": num_mtp_layers}).model
     shapes = jax.eval_shape(lambda: LingModel(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     bias = nn.unbox(shapes)["expert_bias"]
-    counts = counts_like_bias(cfg, jnp.zeros((cfg.num_moe_layers, cfg.num_experts)),
-                              jnp.zeros((cfg.num_mtp_layers, cfg.num_experts)))
+    counts = counts_like_bias(
+        cfg, jnp.zeros((cfg.num_moe_layers, cfg.num_experts)), jnp.zeros((cfg.num_mtp_layers, cfg.num_experts))
+    )
     assert jax.tree.structure(counts) == jax.tree.structure(bias)
     assert [c.shape for c in jax.tree.leaves(counts)] == [b.shape for b in jax.tree.leaves(bias)]
 
@@ -104,9 +104,12 @@ def test_expert_biases_are_outside_params_and_the_optimizer():
 # --------------------------------------------------------------------------- effect on load
 def _balance_runs(rate: float, steps: int) -> dict:
     """The same training with the bias update at `rate` and off, in two concurrent subprocesses."""
-    procs = {name: start_run_steps({"steps": steps, "meshes": [{"data": 1}],
-                                    "runs": [{"name": name, "train": {"bias_update_rate": u}}]})
-             for name, u in (("on", rate), ("off", 0.0))}
+    procs = {
+        name: start_run_steps(
+            {"steps": steps, "meshes": [{"data": 1}], "runs": [{"name": name, "train": {"bias_update_rate": u}}]}
+        )
+        for name, u in (("on", rate), ("off", 0.0))
+    }
     return {name: finish_run_steps(proc)["runs"][name]["single"] for name, proc in procs.items()}
 
 
@@ -114,8 +117,10 @@ def _check_balance(runs: dict, rate: float, last: int, margin: float):
     on, off = runs["on"], runs["off"]
     load_on = float(np.mean(on["load_max_over_mean"][-last:]))
     load_off = float(np.mean(off["load_max_over_mean"][-last:]))
-    print(f"\nmax/mean expert load, mean of the last {last} steps: bias update u={rate}: {load_on:.3f}, "
-          f"off (u=0): {load_off:.3f}; final loss {on['loss'][-1]:.4f} vs {off['loss'][-1]:.4f}")
+    print(
+        f"\nmax/mean expert load, mean of the last {last} steps: bias update u={rate}: {load_on:.3f}, "
+        f"off (u=0): {load_off:.3f}; final loss {on['loss'][-1]:.4f} vs {off['loss'][-1]:.4f}"
+    )
     assert load_on < load_off - margin
     # Same seed and data: both runs start from the same loss (two compiled programs, so to rounding).
     assert on["loss"][0] == pytest.approx(off["loss"][0], rel=1e-6)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -17,9 +18,21 @@ PRESETS = sorted(p.stem for p in CONFIGS.glob("*.py"))
 
 
 def _valid(**changes) -> dict:
-    base = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
-                intermediate_size=64, num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-                moe_intermediate_size=16, max_position_embeddings=64)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=16,
+        max_position_embeddings=64,
+    )
     base.update(changes)
     return base
 
@@ -32,7 +45,7 @@ def test_valid_config_and_derived_values():
     assert (cfg.num_dense_layers, cfg.num_moe_layers) == (3, 0)  # first_k_dense_replace clipped to depth
     assert cfg.replace(num_layers=6).num_moe_layers == 1
     assert ModelConfig.from_mapping(cfg.to_mapping()) == cfg
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden_size = 4
 
 
@@ -44,7 +57,10 @@ def test_valid_config_and_derived_values():
         (dict(topk_group=5), r"topk_group \(5\) must be <= n_group \(4\)"),
         (dict(num_experts_per_tok=5), r"num_experts_per_tok \(5\) exceeds the experts in the kept groups"),
         (dict(num_experts=4, n_group=4, topk_group=2, num_experts_per_tok=1), r"n_group=4 groups needs >= 2 experts"),
-        (dict(head_dim=6, partial_rotary_factor=0.5), r"partial_rotary_factor 0.5 x head_dim 6 gives an odd rotary dim 3"),
+        (
+            dict(head_dim=6, partial_rotary_factor=0.5),
+            r"partial_rotary_factor 0.5 x head_dim 6 gives an odd rotary dim 3",
+        ),
         (dict(head_dim=8, partial_rotary_factor=0.3), r"partial_rotary_factor 0.3 x head_dim 8 is not an integer"),
         (dict(partial_rotary_factor=0.0), r"partial_rotary_factor must be in \(0, 1\]"),
         (dict(partial_rotary_factor=1.5), r"partial_rotary_factor must be in \(0, 1\]"),
@@ -84,8 +100,10 @@ def test_model_config_errors_name_the_field(changes, match):
         (dict(factor=0.5, original_max_position_embeddings=64), r"rope_scaling.factor must be >= 1, got 0.5"),
         (dict(factor=4.0, original_max_position_embeddings=0), r"rope_scaling.original_max_position_embeddings"),
         (dict(factor=4.0, original_max_position_embeddings=64, rope_type="linear"), r"rope_scaling.rope_type"),
-        (dict(factor=4.0, original_max_position_embeddings=64, beta_fast=1.0, beta_slow=2.0),
-         r"rope_scaling: need beta_fast > beta_slow > 0"),
+        (
+            dict(factor=4.0, original_max_position_embeddings=64, beta_fast=1.0, beta_slow=2.0),
+            r"rope_scaling: need beta_fast > beta_slow > 0",
+        ),
     ],
 )
 def test_rope_scaling_errors(fields, match):
@@ -122,8 +140,13 @@ def test_experiment_from_config_builds_rope_scaling():
 
 @pytest.mark.parametrize(
     "section,key",
-    [("model", "hiden_size"), ("train", "learning_rat"), ("data", "tokenzier"), ("checkpoint", "evry"),
-     ("mesh", "tensor")],
+    [
+        ("model", "hiden_size"),
+        ("train", "learning_rat"),
+        ("data", "tokenzier"),
+        ("checkpoint", "evry"),
+        ("mesh", "tensor"),
+    ],
 )
 def test_experiment_from_config_rejects_unknown_keys(section, key):
     values = base_config().to_dict()
@@ -186,5 +209,12 @@ def test_published_shapes(name):
         "ling_1t": (80, 8192, 64, 8, 18432, 2048, 4),
     }
     cfg = experiment_from_config(_load_preset(name)).model
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size,
-            cfg.moe_intermediate_size, cfg.first_k_dense_replace) == shapes[name]
+    assert (
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.intermediate_size,
+        cfg.moe_intermediate_size,
+        cfg.first_k_dense_replace,
+    ) == shapes[name]

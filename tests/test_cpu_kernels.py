@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cpu_kernels.moe_experts import available, moe_experts, unavailable_reason
-from ling_jax.layers.dispatch import ExpertWeights, dispatch
+from ling_jax.ops.dispatch import ExpertWeights, dispatch
 
 needs_kernel = pytest.mark.skipif(not available(), reason=str(unavailable_reason()))
 
@@ -33,8 +33,9 @@ def problem(N=50, D=24, F=16, E=12, k=3, seed=0):
     ids = jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(N)]).astype(np.int32))
     ids = ids.at[::7, 0].set(1)  # one hot expert, several empty ones likely
     w = jnp.asarray(rng.uniform(0.1, 1.0, (N, k)).astype(np.float32))
-    experts = ExpertWeights(*(jnp.asarray(rng.standard_normal(s, np.float32) * 0.3)
-                              for s in ((E, D, F), (E, D, F), (E, F, D))))
+    experts = ExpertWeights(
+        *(jnp.asarray(rng.standard_normal(s, np.float32) * 0.3) for s in ((E, D, F), (E, D, F), (E, F, D)))
+    )
     return x, ids, w, experts
 
 

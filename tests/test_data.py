@@ -209,8 +209,13 @@ def test_packing_matches_reference_and_invariants(seq_len):
     stream, ref = _reference_rows(DOCS, tok, seq_len)
     assert len(rows) == len(ref) and rows.num_tokens == len(stream)
     all_rows = rows.batch(np.arange(len(rows)))
-    for key, dtype in [("inputs", np.int32), ("targets", np.int32), ("segment_ids", np.int32),
-                       ("positions", np.int32), ("loss_mask", np.float32)]:
+    for key, dtype in [
+        ("inputs", np.int32),
+        ("targets", np.int32),
+        ("segment_ids", np.int32),
+        ("positions", np.int32),
+        ("loss_mask", np.float32),
+    ]:
         assert all_rows[key].shape == (len(rows), seq_len) and all_rows[key].dtype == dtype
     for r, (toks, segs, poss, mask) in enumerate(ref):
         example = rows[r]
@@ -308,9 +313,7 @@ def test_train_iterator_process_sharding(rows):
         assert not set(ids_0) & set(ids_1)
         assert ids_0 + ids_1 == _row_ids(full[g], rows)
         for key in full[g]:
-            np.testing.assert_array_equal(
-                np.concatenate([shards[0][g][key], shards[1][g][key]]), full[g][key]
-            )
+            np.testing.assert_array_equal(np.concatenate([shards[0][g][key], shards[1][g][key]]), full[g][key])
     with pytest.raises(ValueError, match="multiple of process_count"):
         make_train_iterator(rows, global_batch_size=5, seed=0, process_index=0, process_count=2)
 
@@ -348,9 +351,7 @@ def test_eval_batches(rows):
     assert all(b["inputs"].shape == (6, rows.seq_len) for b in batches)
     everything = rows.batch(np.arange(len(rows)))
     for key in everything:
-        np.testing.assert_array_equal(
-            np.concatenate([b[key] for b in batches])[: len(rows)], everything[key]
-        )
+        np.testing.assert_array_equal(np.concatenate([b[key] for b in batches])[: len(rows)], everything[key])
     filler = len(batches) * 6 - len(rows)
     assert filler > 0 and (batches[-1]["loss_mask"][-filler:] == 0).all()
     assert sum(b["loss_mask"].sum() for b in batches) == everything["loss_mask"].sum()

@@ -13,10 +13,10 @@ import pytest
 from cpu_kernels.moe_experts import available as moe_experts_available
 from cpu_kernels.moe_experts import unavailable_reason
 from ling_jax.config import MOE_DISPATCHES, ModelConfig
-from ling_jax.layers import dispatch_blocked as db
-from ling_jax.layers.dispatch import DISPATCHERS, ExpertWeights, auto_block_size, default_dispatch, dispatch
-from ling_jax.layers.grouped_matmul import is_hopper
 from ling_jax.layers.moe import MoE
+from ling_jax.ops import blocked_layout as bl
+from ling_jax.ops.dispatch import DISPATCHERS, ExpertWeights, auto_block_size, default_dispatch, dispatch
+from ling_jax.ops.grouped_matmul import is_hopper
 
 
 def make_experts(key, E, D, F, dtype=jnp.float32) -> ExpertWeights:
@@ -55,8 +55,9 @@ def inputs(N=37, D=16, F=24, E=8, k=3, kind="uniform", seed=0, dtype=jnp.float32
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_size"))
 def _value_and_grads(x_ND, ids_Nk, weights_Nk, experts, ct_ND, *, impl, block_size):
-    y, vjp = jax.vjp(lambda x, w, ex: dispatch(x, ids_Nk, w, ex, impl=impl, block_size=block_size),
-                     x_ND, weights_Nk, experts)
+    y, vjp = jax.vjp(
+        lambda x, w, ex: dispatch(x, ids_Nk, w, ex, impl=impl, block_size=block_size), x_ND, weights_Nk, experts
+    )
     return y, vjp(ct_ND.astype(y.dtype))
 
 
@@ -72,7 +73,7 @@ def assert_trees_close(got, want, atol, rtol):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=atol, rtol=rtol)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_reference(kind):
     return value_and_grads("dense", *inputs(kind=kind))
 
@@ -110,8 +111,9 @@ def test_empty_slots_contribute_nothing(impl):
     ids_holey = ids_holey.at[1].set(8)  # == E: out of range at the top as well
     weights_kept = jnp.where(ids_holey >= 0, weights_Nk, 0.0).at[1].set(0.0)
     want = value_and_grads("dense", x_ND, jnp.where(ids_holey >= 0, ids_holey, 0) % 8, weights_kept, experts)
-    y, (dx, dw, dex) = value_and_grads(impl, x_ND, ids_holey, weights_Nk, experts,
-                                       block_size=4 if impl == "blocked" else None)
+    y, (dx, dw, dex) = value_and_grads(
+        impl, x_ND, ids_holey, weights_Nk, experts, block_size=4 if impl == "blocked" else None
+    )
     assert_trees_close((y, dx, dex), (want[0], want[1][0], want[1][2]), atol=2e-5, rtol=2e-5)
     real = (ids_holey >= 0) & (ids_holey < 8)
     np.testing.assert_allclose(np.where(real, dw, 0.0), np.where(real, want[1][1], 0.0), atol=2e-5, rtol=2e-5)
@@ -133,9 +135,9 @@ def test_bf16_smoke():
 def test_blocked_layout_invariants(kind, block_size):
     N, E, k = 37, 8, 3
     ids_Nk = routing(kind, jax.random.PRNGKey(1), N, E, k)
-    lay = jax.tree.map(np.asarray, jax.jit(db.blocked_layout, static_argnums=(1, 2))(ids_Nk, E, block_size))
+    lay = jax.tree.map(np.asarray, jax.jit(bl.blocked_layout, static_argnums=(1, 2))(ids_Nk, E, block_size))
     M, R = N * k, lay.row_token_R.shape[0]
-    assert R == block_size * db.max_blocks(M, E, block_size)
+    assert R == block_size * bl.max_blocks(M, E, block_size)
     # pos and row_assign are inverse permutations between assignments and non-padding rows.
     np.testing.assert_array_equal(lay.row_assign_R[lay.pos_M], np.arange(M))
     assert (lay.row_assign_R < M).sum() == M
@@ -146,15 +148,15 @@ def test_blocked_layout_invariants(kind, block_size):
     assert np.all(np.diff(lay.block_expert_Q) >= 0)
     used = int(lay.num_used_blocks)
     assert used == sum(-(-c // block_size) for c in np.bincount(ids_M, minlength=E))
-    assert np.all(lay.row_assign_R[used * block_size:] == M)  # skipped blocks hold padding only
+    assert np.all(lay.row_assign_R[used * block_size :] == M)  # skipped blocks hold padding only
 
 
 def test_max_blocks_bound_is_tight():
     # 8 experts with 1 assignment each and b = 4 need 8 blocks; the bound (8 + 8 * 3) // 4 = 8.
-    assert db.max_blocks(8, 8, 4) == 8
+    assert bl.max_blocks(8, 8, 4) == 8
     ids = jnp.arange(8, dtype=jnp.int32)[:, None]
-    assert int(db.blocked_layout(ids, 8, 4).num_used_blocks) == 8
-    assert db.max_blocks(3, 64, 128) == 3  # at most M non-empty experts
+    assert int(bl.blocked_layout(ids, 8, 4).num_used_blocks) == 8
+    assert bl.max_blocks(3, 64, 128) == 3  # at most M non-empty experts
 
 
 def test_auto_block_size():
@@ -179,9 +181,19 @@ def test_default_dispatch_and_registry():
 def test_moe_module_equals_dense(impl):
     """The MoE block runs with moe_dispatch `impl` (config plumbing); gradients are covered above."""
     cfg = ModelConfig(
-        vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-        intermediate_size=64, num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-        moe_intermediate_size=24, num_mtp_layers=0,
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+        num_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=24,
+        num_mtp_layers=0,
     )
     x_BTD = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 32))
     mask_BT = jnp.ones((2, 9), bool)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.layers.dispatch import ExpertWeights
-from ling_jax.layers.dispatch_blocked import dispatch_blocked
+from ling_jax.ops.dispatch import ExpertWeights
+from ling_jax.ops.dispatch_blocked import dispatch_blocked
 from pallas_kernels.fp8_matmul import blockwise_fp8_matmul
 
 NAMES = ("y", "dx", "dweights", "dgate", "dup", "ddown")
@@ -89,7 +89,8 @@ def test_fp8_blocked_equals_per_expert_fp8_composition(skewed, block_size):
     got = blocked(x_ND, ids_Nk, weights_Nk, experts, ct_ND, fp8_impl="xla", block_size=block_size)
     ids_np = np.asarray(ids_Nk)  # concrete: the reference's per-expert row lists are static
     ref = jax.jit(lambda *a: value_and_grads(lambda x, w, ex: fp8_reference(x, ids_np, w, ex), *a))(
-        x_ND, weights_Nk, experts, ct_ND)
+        x_ND, weights_Nk, experts, ct_ND
+    )
     for name in NAMES:
         assert got[name].shape == ref[name].shape, name
         # float32 rounding (summation order of the scaled GEMMs and of the scatter-adds); an FP8

@@ -13,7 +13,6 @@ import re
 import flax.linen as nn
 import jax
 import pytest
-
 from multidevice.common import small_experiment
 
 if importlib.util.find_spec("libtpu") is None:
@@ -33,8 +32,10 @@ def test_no_global_activation_all_gather_on_an_expert_parallel_mesh():
         devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"v5p:2x2x2 unavailable in this libtpu: {err}")
-    exp = small_experiment(model={"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 64},
-                           train={"batch_size": 8, "seq_len": 256})
+    exp = small_experiment(
+        model={"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 64},
+        train={"batch_size": 8, "seq_len": 256},
+    )
     exp = resolve_dispatch(exp, "tpu")
     optimizer = make_optimizer(exp.train)
     mesh = build_mesh({"data": 1, "fsdp": 2, "expert": 2, "model": 2}, devices)
@@ -46,6 +47,9 @@ def test_no_global_activation_all_gather_on_an_expert_parallel_mesh():
         hlo = step.jitted.lower(state, batch).compile().as_text()
     B, T, D = exp.train.batch_size, exp.train.seq_len, exp.model.hidden_size
     assert re.search(r" all-to-all\(", hlo)  # the experts really are split: tokens travel
-    global_gathers = [line.strip()[:200] for line in hlo.splitlines()
-                      if " all-gather(" in line and f"[{B},{T},{D}]" in line.split("=", 1)[1][:40]]
+    global_gathers = [
+        line.strip()[:200]
+        for line in hlo.splitlines()
+        if " all-gather(" in line and f"[{B},{T},{D}]" in line.split("=", 1)[1][:40]
+    ]
     assert not global_gathers, global_gathers

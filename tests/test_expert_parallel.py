@@ -83,8 +83,8 @@ def worker() -> dict:
     import numpy as np
     from jax.sharding import AxisType, Mesh
 
-    from ling_jax.layers.dispatch import ExpertWeights, dispatch
-    from ling_jax.layers.expert_parallel import expert_parallel_dispatch_with_stats, receive_capacity, send_capacity
+    from ling_jax.ops.dispatch import ExpertWeights, dispatch
+    from ling_jax.ops.expert_parallel import expert_parallel_dispatch_with_stats, receive_capacity, send_capacity
 
     kx, kw, ki, ke, kc = jax.random.split(jax.random.PRNGKey(0), 5)
     x_ND = jax.random.normal(kx, (N, D))
@@ -205,8 +205,8 @@ def test_uneven_splits_are_refused_with_the_sizes():
     import jax.numpy as jnp
     from jax.sharding import AbstractMesh
 
-    from ling_jax.layers.dispatch import ExpertWeights
-    from ling_jax.layers.expert_parallel import expert_parallel_dispatch_with_stats, per_shard_dispatch
+    from ling_jax.ops.dispatch import ExpertWeights
+    from ling_jax.ops.expert_parallel import expert_parallel_dispatch_with_stats, per_shard_dispatch
 
     experts = ExpertWeights(jnp.zeros((6, 4, 2)), jnp.zeros((6, 4, 2)), jnp.zeros((6, 2, 4)))
     x, ids, w = jnp.zeros((5, 4)), jnp.zeros((5, 2), jnp.int32), jnp.zeros((5, 2))

@@ -1,11 +1,11 @@
-"""The composite-key expert sort equals the stable argsort it replaces (ling_jax/layers/expert_sort.py)."""
+"""The composite-key expert sort equals the stable argsort it replaces (ling_jax/ops/expert_sort.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.layers.expert_sort import sort_order
+from ling_jax.ops.expert_sort import sort_order
 
 
 @pytest.mark.parametrize("num_keys, size", [(1, 1), (8, 111), (64, 8192), (256, 3000)])
@@ -28,5 +28,4 @@ def test_falls_back_when_composite_keys_overflow_int32():
     num_keys, size = 2**28, 9
     keys = np.array([5, 2**28, 0, 5, 2**28 - 1, 0, 7, 2**28, 1], np.int32)
     assert (num_keys + 1) * size > 2**31
-    np.testing.assert_array_equal(np.asarray(sort_order(jnp.asarray(keys), num_keys)),
-                                  np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(sort_order(jnp.asarray(keys), num_keys)), np.argsort(keys, kind="stable"))

@@ -9,16 +9,15 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_variables, tiny_config
-from ling_jax.layers.fp8 import FP8_STATS
+
 from ling_jax.loss import causal_lm_targets, lm_loss
 from ling_jax.model import LingModel
+from ling_jax.ops.fp8 import FP8_STATS
 from pallas_kernels.fp8_matmul import blockwise_fp8_matmul
 
 B, T = 2, 16
@@ -42,8 +41,9 @@ def test_fp8_head_is_the_blockwise_fp8_matmul():
     head_DV = jnp.asarray(variables["params"]["lm_head"])
     expected = blockwise_fp8_matmul(out.final_hidden.reshape(B * T, -1), head_DV, impl="xla", out_dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(out.logits).reshape(B * T, -1), np.asarray(expected))
-    expected_mtp = blockwise_fp8_matmul(out.mtp_hidden[0].reshape(B * T, -1), head_DV, impl="xla",
-                                        out_dtype=jnp.float32)
+    expected_mtp = blockwise_fp8_matmul(
+        out.mtp_hidden[0].reshape(B * T, -1), head_DV, impl="xla", out_dtype=jnp.float32
+    )
     np.testing.assert_array_equal(np.asarray(out.mtp_logits[0]).reshape(B * T, -1), np.asarray(expected_mtp))
     exact = out.final_hidden @ head_DV
     err = np.linalg.norm(out.logits - exact) / np.linalg.norm(exact)
@@ -59,8 +59,9 @@ def test_fp8_off_head_is_unchanged():
     cfg = tiny_config()
     variables = _variables(cfg)
     out = jax.jit(lambda v, x: LingModel(cfg).apply(v, x))(variables, _ids(cfg))
-    expected = jnp.einsum("BTD,DV->BTV", out.final_hidden, jnp.asarray(variables["params"]["lm_head"]),
-                          preferred_element_type=jnp.float32)
+    expected = jnp.einsum(
+        "BTD,DV->BTV", out.final_hidden, jnp.asarray(variables["params"]["lm_head"]), preferred_element_type=jnp.float32
+    )
     np.testing.assert_allclose(out.logits, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -29,8 +29,12 @@ def test_greedy_equals_argmax_of_no_cache_loop(gen_cfg, gen_vars, greedy, fast_j
     taking the argmax of the last logits. One compiled [2, L] forward serves every step: the rows
     are right-padded with segment id 0, which causality keeps out of the real positions."""
     L = max(map(len, PROMPTS)) + N_NEW
-    fwd = fast_jit(lambda v, x, s: LingModel(gen_cfg).apply(v, x, None, s, with_mtp=False).logits,
-                   gen_vars, jnp.zeros((2, L), jnp.int32), jnp.zeros((2, L), jnp.int32))
+    fwd = fast_jit(
+        lambda v, x, s: LingModel(gen_cfg).apply(v, x, None, s, with_mtp=False).logits,
+        gen_vars,
+        jnp.zeros((2, L), jnp.int32),
+        jnp.zeros((2, L), jnp.int32),
+    )
     seqs = [list(p) for p in PROMPTS]
     assert greedy.tokens.shape == (2, N_NEW) and greedy.tokens.dtype == np.int32
     for step in range(N_NEW):
@@ -48,6 +52,7 @@ def test_greedy_equals_argmax_of_no_cache_loop(gen_cfg, gen_vars, greedy, fast_j
 
 def test_stop_tokens_stop_rows_independently(gen_cfg, gen_vars, greedy):
     tokens = greedy.tokens
+
     # A stop token that row 0 emits first at step >= 1 and that row 1 emits later or never.
     def first(row, tok):
         hits = np.flatnonzero(tokens[row] == tok)
@@ -150,14 +155,27 @@ def test_sample_same_seed_same_tokens():
         ([[1, 2]], dict(temperature=1.0, top_k=65), r"top_k must be in \[0, vocab_size=64\], got 65"),
         ([[1, 2]], dict(stop_tokens=[70]), r"stop_tokens: token id 70"),
         ([[1, 2]], dict(max_new_tokens=0), r"max_new_tokens must be positive, got 0"),
-        ([[1, 2, 3]], dict(max_new_tokens=62),
-         r"prompt length 3 \+ max_new_tokens 62 exceeds max_position_embeddings=64"),
+        (
+            [[1, 2, 3]],
+            dict(max_new_tokens=62),
+            r"prompt length 3 \+ max_new_tokens 62 exceeds max_position_embeddings=64",
+        ),
     ],
-    ids=["id-too-large", "negative-id", "empty-prompt", "no-prompts", "negative-temperature", "top-p-zero",
-         "top-p-above-one", "top-k-above-vocab", "stop-token-out-of-range", "no-new-tokens", "too-long"],
+    ids=[
+        "id-too-large",
+        "negative-id",
+        "empty-prompt",
+        "no-prompts",
+        "negative-temperature",
+        "top-p-zero",
+        "top-p-above-one",
+        "top-k-above-vocab",
+        "stop-token-out-of-range",
+        "no-new-tokens",
+        "too-long",
+    ],
 )
 def test_generate_errors(gen_cfg, gen_vars, prompts, kwargs, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(gen_cfg, gen_vars, prompts, **kwargs)
-

@@ -46,8 +46,7 @@ def tiny_experiment():
 def render(rows) -> str:
     """rows of (path, shape, spec text) -> the golden file's text."""
     header = [
-        f"# configs/tiny.py train state compiled for {TOPOLOGY}, mesh "
-        + " ".join(f"{k}={v}" for k, v in MESH.items()),
+        f"# configs/tiny.py train state compiled for {TOPOLOGY}, mesh " + " ".join(f"{k}={v}" for k, v in MESH.items()),
         f"# path  shape  PartitionSpec (regenerate: {REGEN_ENV}=1 pytest tests/test_golden_shardings.py)",
     ]
     return "\n".join(header + [f"{path}  {shape}  {spec}" for path, shape, spec in rows]) + "\n"
@@ -74,8 +73,10 @@ def test_compiled_shardings_match_golden(compiled_rows):
     expected = GOLDEN.read_text()
     if text != expected:
         diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), "golden", "compiled"))
-        pytest.fail(f"compiled shardings differ from {GOLDEN.name}; if intended, regenerate with "
-                    f"{REGEN_ENV}=1 pytest {Path(__file__).name}\n{diff}")
+        pytest.fail(
+            f"compiled shardings differ from {GOLDEN.name}; if intended, regenerate with "
+            f"{REGEN_ENV}=1 pytest {Path(__file__).name}\n{diff}"
+        )
 
 
 def test_compiler_keeps_the_rules_table_shardings(compiled_rows):
@@ -96,6 +97,9 @@ def test_a_rules_change_shows_up_as_a_diff():
     """Moving the experts off the `expert` axis must change the golden text (the test can fail)."""
     rules = tuple((name, None if name == "exp" else axes) for name, axes in LOGICAL_AXIS_RULES)
     changed = render(layout_rows(tiny_experiment(), rules))
-    diff = [line for line in difflib.unified_diff(GOLDEN.read_text().splitlines(), changed.splitlines(), lineterm="")
-            if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
+    diff = [
+        line
+        for line in difflib.unified_diff(GOLDEN.read_text().splitlines(), changed.splitlines(), lineterm="")
+        if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))
+    ]
     assert diff and all("gate_proj" in d or "up_proj" in d or "down_proj" in d for d in diff)

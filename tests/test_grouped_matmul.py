@@ -1,4 +1,4 @@
-"""ling_jax.layers.grouped_matmul: equal to lax.ragged_dot, forward and both gradients.
+"""ling_jax.ops.grouped_matmul: equal to lax.ragged_dot, forward and both gradients.
 
 On a Hopper GPU (run with JAX_PLATFORMS=cuda: tests/conftest.py defaults to cpu) the Mosaic-GPU kernels
 run; they are compared with float32 lax.ragged_dot within one bf16 rounding (2^-7) relative to each row's
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.layers import grouped_matmul as gm
+from ling_jax.ops import grouped_matmul as gm
 
 # M rows, K, N, group sizes (some empty, one ending in a partial tile).
 CASES = [
@@ -49,7 +49,7 @@ def test_grouped_matmul_equals_ragged_dot(m, k, n, sizes):
     )
     for name, g, r in zip(("out", "dlhs", "drhs"), got, ref):
         assert g.shape == r.shape, name
-        assert _rowwise_rel(g, r) <= 2 ** -7, (name, _rowwise_rel(g, r))
+        assert _rowwise_rel(g, r) <= 2**-7, (name, _rowwise_rel(g, r))
 
 
 def test_path_selection():

@@ -139,10 +139,24 @@ def test_config_round_trip(make_config):
     configs = [
         make_config("tiny"),
         make_config("variant"),
-        make_config("tiny", rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16, beta_fast=16.0,
-                                                     beta_slow=2.0, mscale=1.0, mscale_all_dim=0.5, truncate=False)),
-        make_config("tiny", rope_scaling=RopeScaling(factor=2.0, original_max_position_embeddings=32,
-                                                     attention_factor=1.25), eos_token_id=None, pad_token_id=None),
+        make_config(
+            "tiny",
+            rope_scaling=RopeScaling(
+                factor=4.0,
+                original_max_position_embeddings=16,
+                beta_fast=16.0,
+                beta_slow=2.0,
+                mscale=1.0,
+                mscale_all_dim=0.5,
+                truncate=False,
+            ),
+        ),
+        make_config(
+            "tiny",
+            rope_scaling=RopeScaling(factor=2.0, original_max_position_embeddings=32, attention_factor=1.25),
+            eos_token_id=None,
+            pad_token_id=None,
+        ),
         make_config("tiny", param_dtype="bfloat16", dtype="bfloat16", first_k_dense_replace=0, init_std=0.02),
         ModelConfig(),
     ]
@@ -249,8 +263,9 @@ def test_every_problem_is_listed(tmp_path, good_checkpoint):
 
 
 def test_ignores_rotary_inv_freq_buffer(tmp_path, good_checkpoint, tiny_vars):
-    broken = _write_broken(tmp_path, good_checkpoint,
-                           lambda t: t.update({"model.rotary_emb.inv_freq": np.ones((2,), np.float32)}))
+    broken = _write_broken(
+        tmp_path, good_checkpoint, lambda t: t.update({"model.rotary_emb.inv_freq": np.ones((2,), np.float32)})
+    )
     _assert_bit_exact(load_checkpoint(broken)[1], tiny_vars)
 
 
@@ -272,11 +287,19 @@ def test_missing_files_name_the_directory(tmp_path, good_checkpoint):
 
 def test_saving_variables_that_do_not_match_the_config(tmp_path, make_config, tiny_vars):
     other = make_config("tiny", hidden_size=48)
-    with pytest.raises(CheckpointError, match=r"variable params/embedding has shape \[64, 32\], config expects \[64, 48\]"):
+    with pytest.raises(
+        CheckpointError, match=r"variable params/embedding has shape \[64, 32\], config expects \[64, 48\]"
+    ):
         save_checkpoint(other, tiny_vars, tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=r"missing variable params/lm_head"):
-        save_checkpoint(make_config("tiny"), {"params": {k: v for k, v in tiny_vars["params"].items() if k != "lm_head"},
-                                              "expert_bias": tiny_vars["expert_bias"]}, tmp_path / "ckpt")
+        save_checkpoint(
+            make_config("tiny"),
+            {
+                "params": {k: v for k, v in tiny_vars["params"].items() if k != "lm_head"},
+                "expert_bias": tiny_vars["expert_bias"],
+            },
+            tmp_path / "ckpt",
+        )
     assert not (tmp_path / "ckpt").exists() and _leftovers(tmp_path, "ckpt") == []
 
 
@@ -367,9 +390,22 @@ def _random_bf16_variables(cfg, make_variables_abstract, seed=0):
 
 def test_loading_peak_host_memory_is_about_the_checkpoint_size(tmp_path, make_config, make_abstract_variables):
     cfg = make_config(
-        "tiny", vocab_size=16384, hidden_size=1024, num_heads=8, num_kv_heads=2, head_dim=128, intermediate_size=2048,
-        num_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=512,
-        num_layers=3, num_mtp_layers=0, param_dtype="bfloat16", dtype="bfloat16",
+        "tiny",
+        vocab_size=16384,
+        hidden_size=1024,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=128,
+        intermediate_size=2048,
+        num_experts=32,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=512,
+        num_layers=3,
+        num_mtp_layers=0,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
     )
     variables = _random_bf16_variables(cfg, make_abstract_variables)
     save_checkpoint(cfg, variables, tmp_path / "big")
@@ -377,8 +413,14 @@ def test_loading_peak_host_memory_is_about_the_checkpoint_size(tmp_path, make_co
     assert 250e6 < size < 350e6
     del variables
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "big")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(tmp_path / "big")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["nbytes"] > 0.99 * size

@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from multidevice.common import run_cli, train_cli
 
 
@@ -42,8 +41,19 @@ def test_merge_is_the_weighted_sum_of_checkpoints(short_run, tmp_path):
     from ling_jax.train.run_dir import checkpointer_for, load_experiment
 
     out, hf = tmp_path / "merged", tmp_path / "hf"
-    proc = run_cli("merge", "--workdir", str(short_run), "--window", "2", "--decay", "1-sqrt", "--out", str(out),
-                   "--hf_out", str(hf))
+    proc = run_cli(
+        "merge",
+        "--workdir",
+        str(short_run),
+        "--window",
+        "2",
+        "--decay",
+        "1-sqrt",
+        "--out",
+        str(out),
+        "--hf_out",
+        str(hf),
+    )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     coefficients = merge_coefficients("1-sqrt", 2)
     assert report["steps"] == [2, 4, 6] and report["decay"] == "1-sqrt"
@@ -95,10 +105,26 @@ def test_wsm_merge_beats_the_last_checkpoint(tmp_path):
 
     run, out, hf = tmp_path / "run", tmp_path / "merged", tmp_path / "hf"
     window = 8
-    train_cli(run, model=WSM_MODEL, train=WSM_TRAIN, data=dict(max_tokens=WSM_TOKENS),
-              checkpoint=dict(every=WSM_EVERY, keep=window + 1))
-    run_cli("merge", "--workdir", str(run), "--window", str(window), "--decay", "1-sqrt", "--out", str(out),
-            "--hf_out", str(hf))
+    train_cli(
+        run,
+        model=WSM_MODEL,
+        train=WSM_TRAIN,
+        data=dict(max_tokens=WSM_TOKENS),
+        checkpoint=dict(every=WSM_EVERY, keep=window + 1),
+    )
+    run_cli(
+        "merge",
+        "--workdir",
+        str(run),
+        "--window",
+        str(window),
+        "--decay",
+        "1-sqrt",
+        "--out",
+        str(out),
+        "--hf_out",
+        str(hf),
+    )
     merged_loss, last_loss = _heldout(out), _heldout(run)
     print(f"\nheld-out loss: last checkpoint {last_loss:.4f}, 1-sqrt merge of the last {window + 1}: {merged_loss:.4f}")
     assert merged_loss < last_loss

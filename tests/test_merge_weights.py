@@ -26,16 +26,14 @@ def test_coefficients_sum_to_one_and_are_non_negative(kind, window):
 @pytest.mark.parametrize("window", WINDOWS)
 def test_coefficients_reproduce_the_decay_curve(kind, window):
     w = mw.decay_curve(kind, window)
-    np.testing.assert_allclose(mw.decay_from_coefficients(mw.merge_coefficients(kind, window)), w,
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(mw.decay_from_coefficients(mw.merge_coefficients(kind, window)), w, rtol=0, atol=1e-12)
     assert np.all(np.diff(w) < 0) and 0 < w[-1] and w[0] < 1
 
 
 def test_decay_curves_follow_the_documented_formula():
     k = 3  # 4 checkpoints, w_i = f(i / 4)
     np.testing.assert_allclose(mw.decay_curve("linear", k), [0.75, 0.5, 0.25])
-    np.testing.assert_allclose(
-        mw.decay_curve("cosine", k), [0.5 * (1 + math.cos(math.pi * i / 4)) for i in (1, 2, 3)])
+    np.testing.assert_allclose(mw.decay_curve("cosine", k), [0.5 * (1 + math.cos(math.pi * i / 4)) for i in (1, 2, 3)])
     np.testing.assert_allclose(mw.decay_curve("1-sqrt", k), [1 - math.sqrt(i / 4) for i in (1, 2, 3)])
 
 
@@ -61,8 +59,7 @@ def test_emulated_decay_matches_wsd_at_checkpoint_boundaries(kind):
     # Checkpoints every `every` steps over a window of k intervals emulate a WSD decay spread over
     # (k + 1) * every steps, read at the k checkpoint boundaries inside the window.
     k, every, peak = 7, 10, 2e-4
-    sched = wsd_schedule(peak, warmup_steps=0, total_steps=(k + 1) * every, decay_steps=(k + 1) * every,
-                         decay=kind)
+    sched = wsd_schedule(peak, warmup_steps=0, total_steps=(k + 1) * every, decay_steps=(k + 1) * every, decay=kind)
     lr_at_boundaries = np.array([float(sched(i * every)) for i in range(1, k + 1)]) / peak
     np.testing.assert_allclose(mw.decay_curve(kind, k), lr_at_boundaries, rtol=1e-5, atol=1e-7)
 
@@ -93,18 +90,20 @@ def test_merging_sgd_iterates_is_the_decayed_update_sum(kind):
 def test_merge_pytrees_is_the_weighted_sum_and_keeps_dtypes():
     rng = np.random.default_rng(1)
     trees = [
-        {"w": rng.normal(size=(4, 3)).astype(np.float32),
-         "nested": {"b": jnp.asarray(rng.normal(size=5), jnp.bfloat16)}}
+        {
+            "w": rng.normal(size=(4, 3)).astype(np.float32),
+            "nested": {"b": jnp.asarray(rng.normal(size=5), jnp.bfloat16)},
+        }
         for _ in range(3)
     ]
     c = np.array([0.2, 0.3, 0.5])
     out = mw.merge_pytrees(trees, c)
-    np.testing.assert_allclose(np.asarray(out["w"]), sum(ci * t["w"] for ci, t in zip(c, trees)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["w"]), sum(ci * t["w"] for ci, t in zip(c, trees)), rtol=1e-6)
     assert out["w"].dtype == jnp.float32 and out["nested"]["b"].dtype == jnp.bfloat16
     b32 = sum(np.float32(ci) * np.asarray(t["nested"]["b"], np.float32) for ci, t in zip(c, trees))
-    np.testing.assert_array_equal(np.asarray(out["nested"]["b"], np.float32),
-                                  np.asarray(jnp.asarray(b32).astype(jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(out["nested"]["b"], np.float32), np.asarray(jnp.asarray(b32).astype(jnp.bfloat16), np.float32)
+    )
 
 
 def test_merge_pytrees_errors_name_the_problem():

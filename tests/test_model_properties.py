@@ -247,8 +247,14 @@ def test_packed_sequences_equal_separate(tiny_cfg, tiny_vars, fast_jit):
         alone_ids = jnp.zeros((T,), jnp.int32).at[:n].set(doc)
         alone_seg = jnp.zeros((T,), jnp.int32).at[:n].set(1)
         alone_pos = jnp.arange(T, dtype=jnp.int32)
-        out = _forward(tiny_cfg, tiny_vars, jnp.stack([packed_ids, alone_ids]), jnp.stack([packed_pos, alone_pos]),
-                       jnp.stack([packed_seg, alone_seg]), fast_jit=fast_jit)
+        out = _forward(
+            tiny_cfg,
+            tiny_vars,
+            jnp.stack([packed_ids, alone_ids]),
+            jnp.stack([packed_pos, alone_pos]),
+            jnp.stack([packed_seg, alone_seg]),
+            fast_jit=fast_jit,
+        )
         np.testing.assert_allclose(out.logits[0, sl], out.logits[1, :n], **TIGHT)
         np.testing.assert_array_equal(out.router.ids_BTk[:, 0, sl], out.router.ids_BTk[:, 1, :n])
         # MTP at a document's last token reads the next token of the row (the next document's
@@ -299,8 +305,9 @@ def test_ragged_dispatch_gradients_equal_dense(make_config, make_variables, fast
 def test_checked_model_rejects_out_of_range_ids_inside_jit(tiny_cfg, tiny_vars, fast_jit):
     model = LingModel(tiny_cfg, checked=True)
     good = _ids(tiny_cfg.vocab_size, (B, T), seed=11)
-    checked = fast_jit(checkify.checkify(lambda v, x: model.apply(v, x).logits, errors=checkify.user_checks),
-                       tiny_vars, good)
+    checked = fast_jit(
+        checkify.checkify(lambda v, x: model.apply(v, x).logits, errors=checkify.user_checks), tiny_vars, good
+    )
     err, logits = checked(tiny_vars, good)
     assert err.get() is None
     err.throw()  # valid ids: no error

@@ -19,8 +19,11 @@ import pytest
 
 from cpu_kernels.moe_experts import available as moe_experts_available
 
-MESHES = {"data=8": {"data": 8}, "fsdp=4,expert=2": {"fsdp": 4, "expert": 2},
-          "data=2,expert=2,model=2": {"data": 2, "expert": 2, "model": 2}}
+MESHES = {
+    "data=8": {"data": 8},
+    "fsdp=4,expert=2": {"fsdp": 4, "expert": 2},
+    "data=2,expert=2,model=2": {"data": 2, "expert": 2, "model": 2},
+}
 LAYER_IMPLS = ("blocked", "ragged", "dense") + (("cpu_kernel",) if moe_experts_available() else ())
 STEP_IMPLS = ("blocked", "ragged") + (("cpu_kernel",) if moe_experts_available() else ())
 LAYER_RTOL = 1e-5  # per array: max abs error / max abs value (float32; observed <= ~1e-6)
@@ -39,16 +42,20 @@ def _mesh(sizes):
 
 
 def _program_marks(jaxpr_text: str) -> dict:
-    return {"shard_map": "shard_map" in jaxpr_text, "all_to_all": "all_to_all" in jaxpr_text,
-            "psum_model": "axes=('model',)" in jaxpr_text}
+    return {
+        "shard_map": "shard_map" in jaxpr_text,
+        "all_to_all": "all_to_all" in jaxpr_text,
+        "psum_model": "axes=('model',)" in jaxpr_text,
+    }
 
 
 def _max_rel(got, ref) -> float:
     """Largest over leaves of max |got - ref| / max |ref|."""
     import jax
 
-    errs = jax.tree.map(lambda g, r: float(np.abs(np.asarray(g) - np.asarray(r)).max() / max(np.abs(r).max(), 1e-30)),
-                        got, ref)
+    errs = jax.tree.map(
+        lambda g, r: float(np.abs(np.asarray(g) - np.asarray(r)).max() / max(np.abs(r).max(), 1e-30)), got, ref
+    )
     return max(jax.tree.leaves(errs))
 
 
@@ -64,9 +71,23 @@ def layer_worker() -> dict:
     from ling_jax.sharding.rules import BATCH_AXES, LOGICAL_AXIS_RULES, logical_shardings
 
     results = {}
-    base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                intermediate_size=64, num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-                num_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1, init_std=0.3)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        num_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        init_std=0.3,
+    )
     kx, kc, kp, kb = jax.random.split(jax.random.PRNGKey(0), 4)
     x_BTD = jax.random.normal(kx, (B, T, 32))
     ct_BTD = jax.random.normal(kc, (B, T, 32))
@@ -100,8 +121,11 @@ def layer_worker() -> dict:
             flat, flat_ref = jax.tree_util.tree_leaves_with_path(grads[0]), jax.tree.leaves(grads_ref[0])
             for (path, g), r in zip(flat, flat_ref, strict=True):
                 errors["d" + jax.tree_util.keystr(path)] = _max_rel(g, r)
-            results[impl][name] = {"errors": errors, "marks": marks,
-                                   "counts_equal": bool(np.array_equal(np.asarray(counts), np.asarray(counts_ref)))}
+            results[impl][name] = {
+                "errors": errors,
+                "marks": marks,
+                "counts_equal": bool(np.array_equal(np.asarray(counts), np.asarray(counts_ref))),
+            }
     # moe_capacity_factor reaches the expert-parallel dispatch, and its drops reach RouterStats.
     mesh = _mesh(MESHES["fsdp=4,expert=2"])
     results["dropped"] = {}
@@ -125,10 +149,13 @@ def _small_step_setup(impl: str):
     exp = small_experiment(model={"moe_dispatch": impl})
     Bs, Ts, V = exp.train.batch_size, exp.train.seq_len, exp.model.vocab_size
     tokens = np.random.default_rng(0).integers(0, V, size=(Bs, Ts + 1))
-    batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-             "segment_ids": np.ones((Bs, Ts), np.int32),
-             "positions": np.broadcast_to(np.arange(Ts, dtype=np.int32), (Bs, Ts)).copy(),
-             "loss_mask": np.ones((Bs, Ts), np.float32)}
+    batch = {
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "segment_ids": np.ones((Bs, Ts), np.int32),
+        "positions": np.broadcast_to(np.arange(Ts, dtype=np.int32), (Bs, Ts)).copy(),
+        "loss_mask": np.ones((Bs, Ts), np.float32),
+    }
     return exp, make_optimizer(exp.train), batch
 
 
@@ -176,8 +203,9 @@ def step_worker() -> dict:
 
         def loss_and_grads(state, batch):
             grad_fn = jax.value_and_grad(_forward_loss, has_aux=True)
-            (loss, (_, router, _)), grads = grad_fn(state.params, state.expert_bias, batch, exp.model,
-                                                    exp.train.z_loss_weight)
+            (loss, (_, router, _)), grads = grad_fn(
+                state.params, state.expert_bias, batch, exp.model, exp.train.z_loss_weight
+            )
             return loss, grads, router.counts_E
 
         out = {}
@@ -190,9 +218,11 @@ def step_worker() -> dict:
             out[name] = {"loss": float(loss), "grads": jax.device_get(grads), "counts": np.asarray(counts)}
         ref = out["single"]
         results[impl] = {
-            name: {"loss_rel": abs(out[name]["loss"] - ref["loss"]) / abs(ref["loss"]),
-                   "grads_rel": _max_rel(out[name]["grads"], ref["grads"]),
-                   "counts_equal": bool(np.array_equal(out[name]["counts"], ref["counts"]))}
+            name: {
+                "loss_rel": abs(out[name]["loss"] - ref["loss"]) / abs(ref["loss"]),
+                "grads_rel": _max_rel(out[name]["grads"], ref["grads"]),
+                "counts_equal": bool(np.array_equal(out[name]["counts"], ref["counts"])),
+            }
             for name in MESHES
         }
     return results
@@ -203,8 +233,14 @@ def _run_worker(*parts: str) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "multidevice"))
     from common import REPO_ROOT, subprocess_env
 
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *parts], cwd=REPO_ROOT,
-                          env=subprocess_env(num_devices=8), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *parts],
+        cwd=REPO_ROOT,
+        env=subprocess_env(num_devices=8),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         pytest.fail(f"{parts} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""The model's Pallas ops under a multi-device mesh (ling_jax/layers/pallas_target.py): run per batch
+"""The model's Pallas ops under a multi-device mesh (ling_jax/ops/pallas_target.py): run per batch
 shard in a shard_map, they give what one device gives, forward and gradients (the replicated weight's
 gradient summed over devices, rows replicated over the "model" axis counted once).
 
@@ -34,8 +34,8 @@ def _worker() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ling_jax.layers.fp8 import fp8_projection
-    from ling_jax.layers.routing import route
+    from ling_jax.ops.fp8 import fp8_projection
+    from ling_jax.ops.routing import route
     from ling_jax.sharding import build_mesh
 
     def rel(a, b):
@@ -43,14 +43,16 @@ def _worker() -> dict:
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
     def projection(x_MK, w_KN, ct_MN):
-        y, vjp = jax.vjp(lambda x, w: fp8_projection(x, w, contract=1, impl="pallas", out_dtype=jnp.float32),
-                         x_MK, w_KN)
+        y, vjp = jax.vjp(
+            lambda x, w: fp8_projection(x, w, contract=1, impl="pallas", out_dtype=jnp.float32), x_MK, w_KN
+        )
         return (y, *vjp(ct_MN))
 
     def router(logits_ME, bias_E, ct_Mk):
         (ids, weights), vjp = jax.vjp(
             lambda lg: route(lg, bias_E, top_k=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, impl="pallas"),
-            logits_ME)
+            logits_ME,
+        )
         return ids, weights, vjp((np.zeros(ids.shape, jax.dtypes.float0), ct_Mk))[0]
 
     results = {}
@@ -80,8 +82,9 @@ def measured() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": pythonpath}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -72,8 +72,18 @@ def test_published_sizes_within_3_percent(name):
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, dict(use_qkv_bias=True, use_bias=True, tie_word_embeddings=True, use_qk_norm=False, num_mtp_layers=2,
-              num_shared_experts=0, first_k_dense_replace=0)],
+    [
+        {},
+        dict(
+            use_qkv_bias=True,
+            use_bias=True,
+            tie_word_embeddings=True,
+            use_qk_norm=False,
+            num_mtp_layers=2,
+            num_shared_experts=0,
+            first_k_dense_replace=0,
+        ),
+    ],
 )
 def test_counts_match_the_formula_on_small_configs(make_config, changes):
     cfg = make_config("tiny", **changes)
@@ -86,15 +96,22 @@ def test_params_command_prints_the_counts():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "ling_jax.cli", "params", "--config", str(REPO / "configs" / "ling_1t.py")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     figures = json.loads(lines[-1])
     c = count_params(_model("ling_1t"))
     assert figures == {
-        "total": c.total, "activated": c.activated, "total_non_embedding": c.total_non_embedding,
-        "activated_non_embedding": c.activated_non_embedding, "mtp_total": c.mtp_total,
+        "total": c.total,
+        "activated": c.activated,
+        "total_non_embedding": c.total_non_embedding,
+        "activated_non_embedding": c.activated_non_embedding,
+        "mtp_total": c.mtp_total,
         "mtp_activated": c.mtp_activated,
     }
     assert math.isclose(figures["total"], 1e12, rel_tol=0.03)
@@ -102,4 +119,3 @@ def test_params_command_prints_the_counts():
     text = "\n".join(lines[:-1])
     assert "total (MTP excluded)" in text and "activated per token" in text and "MTP layers total" in text
     assert f"{c.total:,d}" in text
-

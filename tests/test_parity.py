@@ -16,9 +16,9 @@ import pytest
 from ling_jax.generate import generate
 from ling_jax.hf import load_checkpoint
 from ling_jax.hf.checkpoint import iter_hf_tensors
-from ling_jax.layers.rope import rope_parameters
 from ling_jax.loss import causal_lm_targets, lm_loss
 from ling_jax.model import LingModel
+from ling_jax.ops.rope import rope_parameters
 
 ACT = dict(atol=1e-4, rtol=1e-4)  # logits, hidden states, router logits / weights
 LOSS = dict(atol=0.0, rtol=1e-5)
@@ -67,8 +67,11 @@ def _routing_of_layer(out, cfg, layer: int):
     else:
         stats, i = out.router, layer - cfg.num_dense_layers
     E, k = cfg.num_experts, cfg.num_experts_per_tok
-    return (np.asarray(stats.logits_BTE[i]).reshape(-1, E), np.asarray(stats.ids_BTk[i]).reshape(-1, k),
-            np.asarray(stats.weights_BTk[i]).reshape(-1, k))
+    return (
+        np.asarray(stats.logits_BTE[i]).reshape(-1, E),
+        np.asarray(stats.ids_BTk[i]).reshape(-1, k),
+        np.asarray(stats.weights_BTk[i]).reshape(-1, k),
+    )
 
 
 def test_routing(ref_out):
@@ -78,13 +81,15 @@ def test_routing(ref_out):
     assert list(layers) == list(range(cfg.num_dense_layers, cfg.num_layers + cfg.num_mtp_layers))
     for layer in layers:
         logits, ids, weights = _routing_of_layer(out, cfg, int(layer))
-        np.testing.assert_allclose(logits, fx.expected[f"router_logits_layer{layer}"], **ACT,
-                                   err_msg=f"router logits, layer {layer}")
+        np.testing.assert_allclose(
+            logits, fx.expected[f"router_logits_layer{layer}"], **ACT, err_msg=f"router logits, layer {layer}"
+        )
         order = np.argsort(ids, axis=-1, kind="stable")
         ids, weights = np.take_along_axis(ids, order, -1), np.take_along_axis(weights, order, -1)
         np.testing.assert_array_equal(ids, fx.expected[f"topk_idx_layer{layer}"], err_msg=f"expert ids, layer {layer}")
-        np.testing.assert_allclose(weights, fx.expected[f"topk_weight_layer{layer}"], **ACT,
-                                   err_msg=f"routing weights, layer {layer}")
+        np.testing.assert_allclose(
+            weights, fx.expected[f"topk_weight_layer{layer}"], **ACT, err_msg=f"routing weights, layer {layer}"
+        )
 
 
 def test_mtp(ref_out):
@@ -130,7 +135,7 @@ def test_greedy_generation_with_kv_cache(ref_fixture):
     np.testing.assert_array_equal(fx.expected["gen_ids_nocache"], ref_ids)
     n_new = ref_ids.shape[1] - prompt.shape[1]
     out = generate(fx.config, fx.variables, prompt, max_new_tokens=n_new)
-    np.testing.assert_array_equal(out.tokens, ref_ids[:, prompt.shape[1]:])
+    np.testing.assert_array_equal(out.tokens, ref_ids[:, prompt.shape[1] :])
     np.testing.assert_array_equal(out.lengths, [n_new])
     np.testing.assert_allclose(out.step_logits, fx.expected["gen_step_logits"], **ACT)
 

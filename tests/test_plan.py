@@ -18,12 +18,16 @@ import pytest
 
 from ling_jax import scaling
 from ling_jax.config import ConfigError
+from ling_jax.ops.attention_core import causal_query_chunks
 from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import plan_state, state_layout
-from ling_jax.layers.attention_core import causal_query_chunks
 from ling_jax.plan.program_flops import program_flops, traced_jaxpr
 from ling_jax.plan.search import (
-    communication_bytes, evaluate_mesh, factorizations, mesh_rejection, search_meshes,
+    communication_bytes,
+    evaluate_mesh,
+    factorizations,
+    mesh_rejection,
+    search_meshes,
 )
 from ling_jax.plan.topology import GiB, TopologyError, libtpu_missing_reason, parse_topology
 from ling_jax.train.config import experiment_from_config
@@ -32,8 +36,9 @@ from ling_jax.train.flops import model_flops_per_token
 REPO = Path(__file__).resolve().parents[1]
 TINY_MESH = {"data": 2, "fsdp": 2, "expert": 2, "model": 1}
 TINY_MESH_FLAGS = [f"--config.mesh.{k}={v}" for k, v in TINY_MESH.items()]
-needs_libtpu = pytest.mark.skipif(libtpu_missing_reason() is not None,
-                                  reason=f"TPU AOT compilation unavailable: {libtpu_missing_reason()}")
+needs_libtpu = pytest.mark.skipif(
+    libtpu_missing_reason() is not None, reason=f"TPU AOT compilation unavailable: {libtpu_missing_reason()}"
+)
 
 
 def preset(name: str, mesh: dict | None = None, train: dict | None = None, model: dict | None = None):
@@ -50,8 +55,14 @@ def preset(name: str, mesh: dict | None = None, train: dict | None = None, model
 def run_plan(*args, env=None, timeout=600):
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("JAX_PLATFORMS", None)  # the CLI picks the platform itself
-    proc = subprocess.run([sys.executable, "-m", "ling_jax.cli", "plan", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ling_jax.cli", "plan", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = proc.stdout.strip().splitlines()
     return proc, (json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None)
 
@@ -104,8 +115,14 @@ def test_state_bytes_match_real_shards_on_emulated_8_device_mesh():
     state, created on 8 emulated CPU devices (a subprocess: the device count is fixed at start)."""
     meshes = ["2,2,2,1", "1,2,2,2"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-c", _SHARD_BYTES_SCRIPT, str(Path(__file__).parent), *meshes],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARD_BYTES_SCRIPT, str(Path(__file__).parent), *meshes],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     real = json.loads(proc.stdout.strip().splitlines()[-1])
     exp = preset("tiny")
@@ -176,7 +193,7 @@ def test_expert_parallel_dispatch_buffers():
 
 def test_expert_parallel_dispatch_buffers_with_capacity_factor():
     """cf > 0: send buffers of C = min(N, ceil(cf*N*k/e)) rows and A = min(e*C*kl, e*ceil(cf*N*k/e))
-    compacted assignments (ling_jax/layers/expert_parallel.py)."""
+    compacted assignments (ling_jax/ops/expert_parallel.py)."""
     exp = preset("tiny")
     cfg = exp.model.replace(moe_dispatch="ragged", dtype="float32", moe_capacity_factor=0.5)
     E, k, D, F = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
@@ -242,7 +259,7 @@ def test_ragged_dot_counts_only_useful_flops():
 
 def test_cpu_kernel_counts_its_gemms():
     from cpu_kernels.moe_experts import available, unavailable_reason
-    from ling_jax.layers.dispatch import ExpertWeights, dispatch
+    from ling_jax.ops.dispatch import ExpertWeights, dispatch
 
     if not available():
         pytest.skip(str(unavailable_reason()))
@@ -252,9 +269,17 @@ def test_cpu_kernel_counts_its_gemms():
     def f(x, ids, w, gate, up, down):
         return dispatch(x, ids, w, ExpertWeights(gate, up, down), impl="cpu_kernel").sum()
 
-    args = [jax.ShapeDtypeStruct(s, dt) for s, dt in (((N, D), jnp.float32), ((N, k), jnp.int32), ((N, k), jnp.float32),
-                                                        ((E, D, F), jnp.float32), ((E, D, F), jnp.float32),
-                                                        ((E, F, D), jnp.float32))]
+    args = [
+        jax.ShapeDtypeStruct(s, dt)
+        for s, dt in (
+            ((N, D), jnp.float32),
+            ((N, k), jnp.int32),
+            ((N, k), jnp.float32),
+            ((E, D, F), jnp.float32),
+            ((E, D, F), jnp.float32),
+            ((E, F, D), jnp.float32),
+        )
+    ]
     counted = program_flops(traced_jaxpr(jax.grad(f, argnums=(0, 2, 3, 4, 5)), *args))
     assert counted.total == N * k * 2 * D * F * (3 + 6)  # forward 3 GEMMs per row, backward 6
 
@@ -283,8 +308,9 @@ def test_search_ranks_fitting_meshes_first_and_obeys_constraints():
 
 # --------------------------------------------------------------------------- the command
 def test_plan_cli_without_libtpu_prints_analytic_plan_and_budget():
-    proc, result = run_plan("--config", "configs/tiny.py", "--topology", "v5p:2x2x2", *TINY_MESH_FLAGS,
-                            env={"LING_JAX_NO_LIBTPU": "1"})
+    proc, result = run_plan(
+        "--config", "configs/tiny.py", "--topology", "v5p:2x2x2", *TINY_MESH_FLAGS, env={"LING_JAX_NO_LIBTPU": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled part skipped: libtpu disabled by LING_JAX_NO_LIBTPU" in proc.stdout
     assert result["compiled_status"] == "libtpu missing" and result["fits"] is True
@@ -315,8 +341,9 @@ def test_plan_cli_ling_1t_on_8_chips_fails_naming_biggest_consumers():
 
 
 def test_plan_cli_search_without_libtpu_ranks_meshes():
-    proc, result = run_plan("--config", "configs/tiny.py", "--topology", "v5p:2x2x2", "--search",
-                            env={"LING_JAX_NO_LIBTPU": "1"})
+    proc, result = run_plan(
+        "--config", "configs/tiny.py", "--topology", "v5p:2x2x2", "--search", env={"LING_JAX_NO_LIBTPU": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mesh search:" in proc.stdout and result["best_mesh"]
     meshes = [row["mesh"] for row in result["search"]]
@@ -329,14 +356,19 @@ def test_plan_cli_tiny_compiles_for_v5p_and_fits():
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = result["compiled"]
     assert result["compiled_status"] == "ok" and compiled["fits"] and result["fits"]
-    assert compiled["total_bytes"] == (compiled["argument_bytes"] + compiled["output_bytes"] - compiled["alias_bytes"]
-                                       + compiled["temp_bytes"] + compiled["generated_code_bytes"])
+    assert compiled["total_bytes"] == (
+        compiled["argument_bytes"]
+        + compiled["output_bytes"]
+        - compiled["alias_bytes"]
+        + compiled["temp_bytes"]
+        + compiled["generated_code_bytes"]
+    )
     assert compiled["alias_bytes"] > 0  # the state is donated
     # The state arguments hold at least the analytic params + optimizer state (TPU tiles add padding).
     assert compiled["argument_bytes"] >= result["analytic"]["params_bytes"] + result["analytic"]["optimizer_bytes"]
     # Ragged dispatch (auto on TPU) and no remat: the traced program's matmuls are the model FLOPs,
     # up to 0.11% (the model's 6N counts the norm scales, the program the top-k combine einsum), plus
-    # the empty slots of the expert-parallel buffers (expert=2, ling_jax/layers/expert_parallel.py):
+    # the empty slots of the expert-parallel buffers (expert=2, ling_jax/ops/expert_parallel.py):
     # each device receives C = n rows from each of the P shards with kl = min(k, E/P) expert slots, and
     # ragged_dot runs empty slots (weight 0), so per device and MoE layer P*n*kl rows run instead of
     # n*k, each costing 3 x (6DF + 2D) (forward and two backward matmuls; the combine einsum).
@@ -347,11 +379,12 @@ def test_plan_cli_tiny_compiles_for_v5p_and_fits():
     extra_rows = (P * n * kl - n * cfg.num_experts_per_tok) * shards * TINY_MESH["model"]
     D, F = cfg.hidden_size, cfg.moe_intermediate_size
     ep_padding = extra_rows * (cfg.num_moe_layers + cfg.num_mtp_layers) * 3 * (6 * D * F + 2 * D)
-    # Causal query chunks (ling_jax/layers/attention_core.py) skip (n - 1) / (2n) of the attention term
+    # Causal query chunks (ling_jax/ops/attention_core.py) skip (n - 1) / (2n) of the attention term
     # 12 x layers x H*d x T per token that the model FLOPs count in full.
     T, chunks = exp.train.seq_len, causal_query_chunks(exp.train.seq_len)
-    attention_per_step = (12 * (cfg.num_layers + cfg.num_mtp_layers) * cfg.num_heads * cfg.head_dim * T
-                          * exp.train.batch_size * T)
+    attention_per_step = (
+        12 * (cfg.num_layers + cfg.num_mtp_layers) * cfg.num_heads * cfg.head_dim * T * exp.train.batch_size * T
+    )
     attention_skipped = attention_per_step * (chunks - 1) // (2 * chunks)
     expected = result["model_flops_per_step"] + ep_padding - attention_skipped
     assert compiled["program_flops"] == pytest.approx(expected, rel=0.002)
@@ -362,9 +395,18 @@ def test_plan_cli_tiny_compiles_for_v5p_and_fits():
 @needs_libtpu
 def test_ling_1t_compiles_for_v5p_16x16x16_and_fits():
     """The headline (benchmarks/README.md): Ling-1T's real train step on 4,096 v5p chips."""
-    proc, result = run_plan("--config", "configs/ling_1t.py", "--topology", "v5p:16x16x16",
-                            "--config.mesh.data=1", "--config.mesh.fsdp=512", "--config.mesh.expert=1",
-                            "--config.mesh.model=8", "--config.train.batch_size=512",
-                            "--config.model.moe_dispatch=dense", timeout=3000)
+    proc, result = run_plan(
+        "--config",
+        "configs/ling_1t.py",
+        "--topology",
+        "v5p:16x16x16",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=512",
+        "--config.mesh.expert=1",
+        "--config.mesh.model=8",
+        "--config.train.batch_size=512",
+        "--config.model.moe_dispatch=dense",
+        timeout=3000,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert result["compiled"]["fits"]

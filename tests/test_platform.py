@@ -51,8 +51,13 @@ def test_a_bad_switch_value_is_refused_by_name(value):
 
 def test_the_cli_names_a_bad_switch_value():
     env = {**os.environ, "LING_JAX_HUGE_PAGES": "off"}
-    proc = subprocess.run([sys.executable, "-m", "ling_jax.cli", "params", "--config", "configs/tiny.py"], cwd=REPO,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ling_jax.cli", "params", "--config", "configs/tiny.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "LING_JAX_HUGE_PAGES must be 0 (off) or 1 (on, the default), got 'off'" in proc.stderr
 
@@ -67,13 +72,16 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 def test_reexec_restarts_the_command_line_with_the_tunable():
     """A child that calls reexec_with_huge_pages() runs its code again in the same process, with the
     tunable where this host needs it (and unchanged elsewhere), and then reports huge pages in effect."""
-    code = ("import os, sys; from ling_jax.platform import reexec_with_huge_pages, huge_pages_in_effect; "
-            "print('start', os.getpid(), flush=True); reexec_with_huge_pages(); "
-            "print('tunables', os.environ.get('GLIBC_TUNABLES', ''), 'in_effect', huge_pages_in_effect(), "
-            "sys.argv[1:])")
+    code = (
+        "import os, sys; from ling_jax.platform import reexec_with_huge_pages, huge_pages_in_effect; "
+        "print('start', os.getpid(), flush=True); reexec_with_huge_pages(); "
+        "print('tunables', os.environ.get('GLIBC_TUNABLES', ''), 'in_effect', huge_pages_in_effect(), "
+        "sys.argv[1:])"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LING_JAX_HUGE_PAGES")}
-    out = subprocess.run([sys.executable, "-c", code, "arg1"], cwd=REPO, env=env, capture_output=True, text=True,
-                         check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", code, "arg1"], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     expected = huge_pages_environment(env, _thp_mode(), platform.libc_ver()) if sys.platform == "linux" else None
     starts = [line for line in out if line.startswith("start")]
     final = [line for line in out if line.startswith("tunables")]

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from multidevice.common import finish_cli, start_cli, train_args, train_cli
 
 STEPS, EVERY, KEEP = 40, 5, 3

@@ -14,17 +14,44 @@ VOCAB = 157184
 # Table 1 architectures and the published peak LR / batch (sequences of 4K).
 MODELS = {
     "Ling-mini-2.0": dict(
-        arch=dict(num_layers=20, d_model=2048, num_heads=16, num_kv_heads=4, dense_ffn=5120,
-                  expert_ffn=512, num_dense_layers=1),
-        lr=3.36e-4, batch=4400),
+        arch=dict(
+            num_layers=20,
+            d_model=2048,
+            num_heads=16,
+            num_kv_heads=4,
+            dense_ffn=5120,
+            expert_ffn=512,
+            num_dense_layers=1,
+        ),
+        lr=3.36e-4,
+        batch=4400,
+    ),
     "Ling-flash-2.0": dict(
-        arch=dict(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=4, dense_ffn=9216,
-                  expert_ffn=1024, num_dense_layers=1),
-        lr=2.61e-4, batch=8352),
+        arch=dict(
+            num_layers=32,
+            d_model=4096,
+            num_heads=32,
+            num_kv_heads=4,
+            dense_ffn=9216,
+            expert_ffn=1024,
+            num_dense_layers=1,
+        ),
+        lr=2.61e-4,
+        batch=8352,
+    ),
     "Ling-1T": dict(
-        arch=dict(num_layers=80, d_model=8192, num_heads=64, num_kv_heads=8, dense_ffn=18432,
-                  expert_ffn=2048, num_dense_layers=4),
-        lr=1.86e-4, batch=18144),
+        arch=dict(
+            num_layers=80,
+            d_model=8192,
+            num_heads=64,
+            num_kv_heads=8,
+            dense_ffn=18432,
+            expert_ffn=2048,
+            num_dense_layers=4,
+        ),
+        lr=1.86e-4,
+        batch=18144,
+    ),
 }
 COMMON = dict(head_dim=128, num_experts=256, experts_per_token=8, num_shared_experts=1)
 
@@ -137,8 +164,9 @@ def test_bad_granularity_raises(bad):
         scaling.efficiency_leverage(0.03, bad, 1e22)
 
 
-@pytest.mark.parametrize("fn", [scaling.optimal_learning_rate, scaling.optimal_batch_size,
-                                lambda c: scaling.efficiency_leverage(0.03, 8, c)])
+@pytest.mark.parametrize(
+    "fn", [scaling.optimal_learning_rate, scaling.optimal_batch_size, lambda c: scaling.efficiency_leverage(0.03, 8, c)]
+)
 @pytest.mark.parametrize("bad", [0.0, -1e20, float("nan")])
 def test_bad_compute_raises(fn, bad):
     with pytest.raises(ValueError, match="compute_flops"):
@@ -151,5 +179,6 @@ def test_bad_recommendation_inputs_raise():
     with pytest.raises(ValueError, match="seq_len"):
         scaling.recommend_hyperparameters(flops_per_token=1e10, tokens=1e12, seq_len=-1)
     with pytest.raises(ValueError, match="num_dense_layers"):
-        scaling.moe_activated_params_non_embedding(**{**MODELS["Ling-mini-2.0"]["arch"],
-                                                      "num_dense_layers": 21}, **COMMON)
+        scaling.moe_activated_params_non_embedding(
+            **{**MODELS["Ling-mini-2.0"]["arch"], "num_dense_layers": 21}, **COMMON
+        )

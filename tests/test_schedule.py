@@ -36,13 +36,10 @@ def test_wsm_jit_matches_eager_on_a_step_array():
     assert np.all(np.diff(eager) >= 0)
 
 
-@pytest.mark.parametrize(
-    "kind, mid", [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))]
-)
+@pytest.mark.parametrize("kind, mid", [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))])
 def test_wsd_key_steps(kind, mid):
     peak, final = 1e-3, 1e-5
-    sched = wsd_schedule(peak, warmup_steps=100, total_steps=1000, decay_steps=200, decay=kind,
-                         final_lr=final)
+    sched = wsd_schedule(peak, warmup_steps=100, total_steps=1000, decay_steps=200, decay=kind, final_lr=final)
     assert float(sched(50)) == pytest.approx(peak / 2, rel=1e-6)
     assert float(sched(100)) == pytest.approx(peak, rel=1e-6)
     assert float(sched(799)) == pytest.approx(peak, rel=1e-6)

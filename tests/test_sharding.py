@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
-
 from multidevice.common import finish_run_steps, small_experiment, start_run_steps
 
 MESHES = [{"data": 8}, {"fsdp": 4, "expert": 2}, {"data": 2, "expert": 2, "model": 2}]
@@ -23,8 +22,10 @@ def run_steps_split(spec: dict) -> dict:
     """`spec`'s meshes split over two concurrent subprocesses (each mesh compiles on its own, so this
     halves the wall time on 2 idle cores), results merged."""
     meshes = spec["meshes"]
-    halves = [dict(spec, meshes=meshes[: (len(meshes) + 1) // 2]),
-              {k: v for k, v in dict(spec, meshes=meshes[(len(meshes) + 1) // 2:]).items() if k != "specs_mesh"}]
+    halves = [
+        dict(spec, meshes=meshes[: (len(meshes) + 1) // 2]),
+        {k: v for k, v in dict(spec, meshes=meshes[(len(meshes) + 1) // 2 :]).items() if k != "specs_mesh"},
+    ]
     procs = [start_run_steps(h, num_devices=8) for h in halves]
     results = [finish_run_steps(p) for p in procs]
     merged = results[0]
@@ -47,8 +48,7 @@ def assert_same_losses(result: dict, steps: int):
         i = int(rel.argmax())
         assert rel.max() <= RTOL, f"mesh {name}: step {i + 1} loss {got[i]} vs {reference[i]} on 1 device"
         # Expert loads (so the bias updates) are counted over the global batch on every mesh.
-        np.testing.assert_allclose(runs[name]["load_max_over_mean"], runs["single"]["load_max_over_mean"],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(runs[name]["load_max_over_mean"], runs["single"]["load_max_over_mean"], rtol=1e-6)
         assert runs[name]["bias_rule_mismatches"] == 0
 
 
@@ -72,16 +72,35 @@ def test_meshes_give_single_device_losses_tiny_preset():
     ~1e-5 (relative) after 20 steps at LR 1e-3 and ~1e-4 at the preset's 3e-3 (Adam turns gradients
     that are zero up to rounding into full-size steps). So this runs at LR 1e-3, where the 1e-4 bound
     tests the sharding and not the optimizer's sensitivity; the noise floor is printed beside it."""
-    tiny_shapes = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32,
-                   "intermediate_size": 384, "num_experts": 16, "moe_intermediate_size": 64, "n_group": 4,
-                   "topk_group": 2, "max_position_embeddings": 1024}
+    tiny_shapes = {
+        "hidden_size": 128,
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 384,
+        "num_experts": 16,
+        "moe_intermediate_size": 64,
+        "n_group": 4,
+        "topk_group": 2,
+        "max_position_embeddings": 1024,
+    }
     train = {"batch_size": 16, "seq_len": 64, "learning_rate": 1e-3}
-    floor = start_run_steps({"steps": 20, "meshes": [{"data": 1}], "model": tiny_shapes, "train": train,
-                             "runs": [{"name": "", "reverse_rows": True}]})
+    floor = start_run_steps(
+        {
+            "steps": 20,
+            "meshes": [{"data": 1}],
+            "model": tiny_shapes,
+            "train": train,
+            "runs": [{"name": "", "reverse_rows": True}],
+        }
+    )
     result = run_steps_split({"steps": 20, "meshes": [{"data": 1}] + MESHES, "model": tiny_shapes, "train": train})
     reversed_rows = np.asarray(finish_run_steps(floor)["runs"][""]["single"]["loss"])
     reference = np.asarray(result["runs"][""]["single"]["loss"])
-    print(f"\n1 device, rows reversed: max relative loss difference {np.max(np.abs(reversed_rows / reference - 1)):.2e}")
+    print(
+        f"\n1 device, rows reversed: max relative loss difference {np.max(np.abs(reversed_rows / reference - 1)):.2e}"
+    )
     assert_same_losses(result, steps=20)
 
 
@@ -135,14 +154,14 @@ def test_optimizer_state_is_sharded_like_params():
     mesh = AbstractMesh((1, 2, 2, 2), MESH_AXES)
     abstract, shardings = state_shardings(exp.model, make_optimizer(exp.train), mesh)
     param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
-    adam = [s for s in jax.tree.leaves(shardings.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
-            if hasattr(s, "mu")]
+    adam = [s for s in jax.tree.leaves(shardings.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
     assert len(adam) == 1
     assert jax.tree.map(lambda s: s.spec, adam[0].mu) == param_specs
     assert jax.tree.map(lambda s: s.spec, adam[0].nu) == param_specs
     assert shardings.step.spec == PartitionSpec()
-    assert all(s.spec == PartitionSpec() or all(a is None for a in s.spec)
-               for s in jax.tree.leaves(shardings.expert_bias))
+    assert all(
+        s.spec == PartitionSpec() or all(a is None for a in s.spec) for s in jax.tree.leaves(shardings.expert_bias)
+    )
     # Every sharded dimension divides evenly on this mesh for the small model.
     for leaf, sharding in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(shardings.params)):
         for dim, axes in zip(leaf.shape, sharding.spec):

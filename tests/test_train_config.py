@@ -10,12 +10,12 @@ import importlib.util
 import jax
 import pytest
 from jax.sharding import AbstractMesh
+from multidevice.common import REPO_ROOT, small_config, train_cli
 
 from ling_jax.config import ConfigError
 from ling_jax.sharding import MESH_AXES, build_mesh, resolve_mesh_shape
 from ling_jax.train.config import Experiment, MeshConfig, base_config, experiment_from_config
 from ling_jax.train.loop import check_batch_layout, experiment_to_dict
-from multidevice.common import REPO_ROOT, small_config, train_cli
 
 
 # --------------------------------------------------------------------------- experiment_from_config
@@ -44,8 +44,10 @@ def test_presets_build(preset):
         ({"checkpoint": {"evry": 5}}, ["checkpoint.evry"]),
         ({"mesh": {"tensor": 2}}, ["mesh.tensor"]),
         ({"model": {"hiden_size": 8, "zz": 1}}, ["model.hiden_size", "model.zz"]),
-        ({"model": {"rope_scaling": {"factor": 2.0, "original_max_position_embeddings": 8, "oops": 1}}},
-         ["model.rope_scaling", "oops"]),
+        (
+            {"model": {"rope_scaling": {"factor": 2.0, "original_max_position_embeddings": 8, "oops": 1}}},
+            ["model.rope_scaling", "oops"],
+        ),
     ],
 )
 def test_unknown_sections_and_keys_are_named(config, named):
@@ -93,12 +95,24 @@ def test_config_json_round_trip(rope_scaling):
 # --------------------------------------------------------------------------- mesh
 def test_mesh_config_minus_one_resolution():
     assert resolve_mesh_shape(MeshConfig().axes, 8) == {"data": 8, "fsdp": 1, "expert": 1, "model": 1}
-    assert resolve_mesh_shape(MeshConfig(data=-1, expert=2, model=2).axes, 8) == \
-        {"data": 2, "fsdp": 1, "expert": 2, "model": 2}
-    assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1, expert=2).axes, 8) == \
-        {"data": 2, "fsdp": 2, "expert": 2, "model": 1}
-    assert resolve_mesh_shape(MeshConfig(data=1, fsdp=4, expert=2).axes, 8) == \
-        {"data": 1, "fsdp": 4, "expert": 2, "model": 1}
+    assert resolve_mesh_shape(MeshConfig(data=-1, expert=2, model=2).axes, 8) == {
+        "data": 2,
+        "fsdp": 1,
+        "expert": 2,
+        "model": 2,
+    }
+    assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1, expert=2).axes, 8) == {
+        "data": 2,
+        "fsdp": 2,
+        "expert": 2,
+        "model": 1,
+    }
+    assert resolve_mesh_shape(MeshConfig(data=1, fsdp=4, expert=2).axes, 8) == {
+        "data": 1,
+        "fsdp": 4,
+        "expert": 2,
+        "model": 1,
+    }
 
 
 def test_resolve_mesh_shape_errors():
@@ -152,12 +166,19 @@ def test_cli_mesh_product_must_equal_device_count(tmp_path):
 
 
 def test_cli_batch_not_divisible_by_data_axes(tmp_path):
-    proc = train_cli(tmp_path / "run", train={"batch_size": 12}, mesh={"data": 8}, num_devices=8, check=False,
-                     env={"JAX_LOG_COMPILES": "1"})
+    proc = train_cli(
+        tmp_path / "run",
+        train={"batch_size": 12},
+        mesh={"data": 8},
+        num_devices=8,
+        check=False,
+        env={"JAX_LOG_COMPILES": "1"},
+    )
     _fails_before_compiling(proc, "train.batch_size=12", "= 8")
 
 
 def test_cli_vocab_smaller_than_tokenizer(tmp_path):
-    proc = train_cli(tmp_path / "run", model={"vocab_size": 257, "pad_token_id": 0}, check=False,
-                     env={"JAX_LOG_COMPILES": "1"})
+    proc = train_cli(
+        tmp_path / "run", model={"vocab_size": 257, "pad_token_id": 0}, check=False, env={"JAX_LOG_COMPILES": "1"}
+    )
     _fails_before_compiling(proc, "model.vocab_size=257", "(258", "data.tokenizer='byte'")

@@ -14,13 +14,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from multidevice.common import PYTHON, REPO_ROOT, finish_cli, small_experiment, start_cli, train_args
 
-SMOKE = dict(train=dict(steps=6, log_every=2, eval_every=3, sample_tokens=16, sample_prompt="def "),
-             checkpoint=dict(every=5, keep=3))
-POISON = dict(train=dict(steps=20, log_every=1, max_nonfinite_steps=3, warmup_steps=8, sample_tokens=0),
-              checkpoint=dict(every=1, keep=20))
+SMOKE = dict(
+    train=dict(steps=6, log_every=2, eval_every=3, sample_tokens=16, sample_prompt="def "),
+    checkpoint=dict(every=5, keep=3),
+)
+POISON = dict(
+    train=dict(steps=20, log_every=1, max_nonfinite_steps=3, warmup_steps=8, sample_tokens=0),
+    checkpoint=dict(every=1, keep=20),
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,13 @@ def runs(tmp_path_factory) -> dict:
     smoke, poisoned = tmp_path_factory.mktemp("smoke"), tmp_path_factory.mktemp("poisoned")
     procs = {
         "smoke": (smoke, start_cli(*train_args(smoke, **SMOKE))),
-        "poisoned": (poisoned, start_cli(*train_args(poisoned, **POISON)[1:],
-                                         program=[PYTHON, str(REPO_ROOT / "tests" / "multidevice" / "poisoned_train.py")])),
+        "poisoned": (
+            poisoned,
+            start_cli(
+                *train_args(poisoned, **POISON)[1:],
+                program=[PYTHON, str(REPO_ROOT / "tests" / "multidevice" / "poisoned_train.py")],
+            ),
+        ),
     }
     return {name: (workdir, finish_cli(proc, check=name == "smoke")) for name, (workdir, proc) in procs.items()}
 
@@ -57,8 +65,19 @@ def test_cli_train_writes_metrics_per_logged_step(smoke_run):
     assert [s["step"] for s in records if "heldout_loss" in s] == [3, 6]
     assert all(math.isfinite(s["heldout_loss"]) for s in records if "heldout_loss" in s)
     for r in records:
-        for key in ("loss", "ce_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
-                    "load_max_over_mean", "load_cv", "skipped_steps", "load_max_over_mean/layer_0"):
+        for key in (
+            "loss",
+            "ce_loss",
+            "mtp_loss",
+            "grad_norm",
+            "lr",
+            "tokens_per_s",
+            "mfu",
+            "load_max_over_mean",
+            "load_cv",
+            "skipped_steps",
+            "load_max_over_mean/layer_0",
+        ):
             assert key in r, (key, sorted(r))
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
         assert r["skipped_steps"] == 0
@@ -95,8 +114,8 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     for path in sorted(folder.glob("events.out.tfevents.*")):
         data, i = path.read_bytes(), 0
         while i < len(data):
-            (length,) = struct.unpack("<Q", data[i: i + 8])
-            event = event_pb2.Event.FromString(data[i + 12: i + 12 + length])
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
             i += 12 + length + 4  # length, its crc, the record, its crc
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))

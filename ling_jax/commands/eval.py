@@ -6,8 +6,9 @@ import json
 
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by `ling-jax train` or `ling-jax merge`",
-                               required=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "run directory written by `ling-jax train` or `ling-jax merge`", required=True
+)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _BATCHES = flags.DEFINE_integer("batches", 0, "max held-out batches (0 = the whole held-out split)")
 
@@ -23,13 +24,20 @@ def main(argv):
     from ling_jax.train.step import make_eval_step
 
     exp = load_experiment(_WORKDIR.value)
-    data = build_datasets(exp.data.source, exp.data.tokenizer, exp.train.seq_len, exp.data.heldout_fraction,
-                          exp.train.seed, exp.data.max_tokens or None)
+    data = build_datasets(
+        exp.data.source,
+        exp.data.tokenizer,
+        exp.train.seq_len,
+        exp.data.heldout_fraction,
+        exp.train.seed,
+        exp.data.max_tokens or None,
+    )
     if data.heldout is None:
         raise SystemExit(f"ling-jax eval: {_WORKDIR.value} was trained with data.heldout_fraction=0")
     state, _, step, mesh, shardings = restore(_WORKDIR.value, exp, _STEP.value)
     eval_step = make_eval_step(exp.model, mesh, shardings)
-    loss = evaluate(exp, state.params, state.expert_bias, data.heldout, eval_step, NamedSharding(mesh, batch_spec()),
-                    _BATCHES.value)
+    loss = evaluate(
+        exp, state.params, state.expert_bias, data.heldout, eval_step, NamedSharding(mesh, batch_spec()), _BATCHES.value
+    )
     print(f"step {step}: held-out next-token loss {loss:.5f} nats/token")
     print(json.dumps({"workdir": _WORKDIR.value, "step": step, "heldout_loss": loss}))

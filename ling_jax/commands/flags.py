@@ -11,6 +11,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py"
 
 def define_config_flag():
     return config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "ml_collections config file; override fields with --config.section.key=value",
+        "config",
+        DEFAULT_CONFIG,
+        "ml_collections config file; override fields with --config.section.key=value",
         lock_config=True,
     )

@@ -32,8 +32,10 @@ def main(argv):
     steps = checkpointer_for(_WORKDIR.value, exp).all_steps()
     needed = _WINDOW.value + 1
     if _WINDOW.value < 1 or len(steps) < needed:
-        raise SystemExit(f"ling-jax merge: --window {_WINDOW.value} needs {needed} checkpoints; "
-                         f"{_WORKDIR.value} has {len(steps)}: {steps}")
+        raise SystemExit(
+            f"ling-jax merge: --window {_WINDOW.value} needs {needed} checkpoints; "
+            f"{_WORKDIR.value} has {len(steps)}: {steps}"
+        )
     chosen = steps[-needed:]
     coefficients = merge_coefficients(_DECAY.value, _WINDOW.value)
     models, last = [], None
@@ -55,5 +57,8 @@ def main(argv):
     if _HF_OUT.value:
         save_checkpoint(exp.model, jax.device_get(merged), _HF_OUT.value)
     print(f"merged steps {chosen} with {_DECAY.value} weights {[round(float(c), 4) for c in coefficients]} -> {out}")
-    print(json.dumps({"steps": chosen, "decay": _DECAY.value, "coefficients": [float(c) for c in coefficients],
-                      "out": str(out)}))
+    print(
+        json.dumps(
+            {"steps": chosen, "decay": _DECAY.value, "coefficients": [float(c) for c in coefficients], "out": str(out)}
+        )
+    )

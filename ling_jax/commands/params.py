@@ -26,6 +26,15 @@ def main(argv):
     ]
     for name, n in rows:
         print(f"{name:<26} {n:>18,d}  ({n / 1e9:.3f} B)")
-    print(json.dumps({"total": c.total, "activated": c.activated, "total_non_embedding": c.total_non_embedding,
-                      "activated_non_embedding": c.activated_non_embedding, "mtp_total": c.mtp_total,
-                      "mtp_activated": c.mtp_activated}))
+    print(
+        json.dumps(
+            {
+                "total": c.total,
+                "activated": c.activated,
+                "total_non_embedding": c.total_non_embedding,
+                "activated_non_embedding": c.activated_non_embedding,
+                "mtp_total": c.mtp_total,
+                "mtp_activated": c.mtp_activated,
+            }
+        )
+    )

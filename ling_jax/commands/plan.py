@@ -33,10 +33,16 @@ _TOP = flags.DEFINE_integer("top", 5, "largest state tensors to name when the st
 
 
 def compiled_summary(plan, hbm: int) -> dict:
-    out = {"mesh": plan.mesh_shape, "lower_seconds": round(plan.lower_seconds, 2),
-           "compile_seconds": round(plan.compile_seconds, 2), "program_flops": plan.program.total,
-           "program_flops_loops_once": plan.program.loops_once, "xla_flops_per_device": plan.xla_flops_per_device,
-           "error": plan.error, "required_bytes": plan.required_bytes}
+    out = {
+        "mesh": plan.mesh_shape,
+        "lower_seconds": round(plan.lower_seconds, 2),
+        "compile_seconds": round(plan.compile_seconds, 2),
+        "program_flops": plan.program.total,
+        "program_flops_loops_once": plan.program.loops_once,
+        "xla_flops_per_device": plan.xla_flops_per_device,
+        "error": plan.error,
+        "required_bytes": plan.required_bytes,
+    }
     if plan.memory is not None:
         out.update({f"{k}_bytes": v for k, v in dataclasses.asdict(plan.memory).items()})
         out["total_bytes"] = plan.memory.total
@@ -63,9 +69,16 @@ def _search(exp, layout, topo, devices, result) -> tuple[bool, object]:
         if summary["fits"]:
             compiled_fit.append(cand)
     report.print_search(ranked, comm, verdicts, _SEARCH_SHOW.value)
-    result["search"] = [{"mesh": c.mesh, "analytic_bytes": c.memory_bytes, "analytic_fits": c.fits,
-                         "comm_bytes": cm, "compiled": verdicts.get(report.mesh_text(c.mesh))}
-                        for c, cm in list(zip(ranked, comm))[: _SEARCH_SHOW.value]]
+    result["search"] = [
+        {
+            "mesh": c.mesh,
+            "analytic_bytes": c.memory_bytes,
+            "analytic_fits": c.fits,
+            "comm_bytes": cm,
+            "compiled": verdicts.get(report.mesh_text(c.mesh)),
+        }
+        for c, cm in list(zip(ranked, comm))[: _SEARCH_SHOW.value]
+    ]
     fitting = compiled_fit if verdicts else [c for c in ranked if c.fits]
     result["best_mesh"] = fitting[0].mesh if fitting else None
     print(f"best mesh: {report.mesh_text(fitting[0].mesh) if fitting else 'none fits'}")
@@ -94,21 +107,32 @@ def main(argv):
     step_tokens = exp.train.batch_size * exp.train.seq_len
     counts = count_params(exp.model)
     flops_per_token = model_flops_per_token(exp.model, exp.train.seq_len)
-    print(f"plan: {exp.model.num_layers} layers, hidden {exp.model.hidden_size}, batch {exp.train.batch_size} x "
-          f"{exp.train.seq_len}, remat {exp.model.remat_policy}, dispatch {exp.model.moe_dispatch}"
-          f"{' (auto on TPU)' if configured.model.moe_dispatch == 'auto' else ''} on {topo.name} "
-          f"({topo.num_chips} chips, {n} devices, {report.gib(hbm)} HBM per device)")
+    print(
+        f"plan: {exp.model.num_layers} layers, hidden {exp.model.hidden_size}, batch {exp.train.batch_size} x "
+        f"{exp.train.seq_len}, remat {exp.model.remat_policy}, dispatch {exp.model.moe_dispatch}"
+        f"{' (auto on TPU)' if configured.model.moe_dispatch == 'auto' else ''} on {topo.name} "
+        f"({topo.num_chips} chips, {n} devices, {report.gib(hbm)} HBM per device)"
+    )
     report.print_model(counts, flops_per_token, step_tokens, n)
     if exp.model.moe_dispatch == "dense" and exp.model.num_experts > exp.model.num_experts_per_tok:
-        print(f"note: moe_dispatch='dense' runs all {exp.model.num_experts} experts on every token "
-              f"({exp.model.num_experts / exp.model.num_experts_per_tok:g}x the routed-expert FLOPs and [N, E, F] "
-              "buffers)")
+        print(
+            f"note: moe_dispatch='dense' runs all {exp.model.num_experts} experts on every token "
+            f"({exp.model.num_experts / exp.model.num_experts_per_tok:g}x the routed-expert FLOPs and [N, E, F] "
+            "buffers)"
+        )
     budget = plan_budget(exp.model, exp.train.seq_len, _TOKENS.value)
     report.print_budget(budget, exp.train.learning_rate, exp.train.batch_size, exp.train.seq_len)
-    result = {"topology": topo.name, "devices": n, "hbm_bytes_per_device": hbm,
-              "params_total": counts.total, "params_activated": counts.activated, "params_mtp": counts.mtp_total,
-              "flops_per_token": flops_per_token, "model_flops_per_step": flops_per_token * step_tokens,
-              "budget": dataclasses.asdict(budget)}
+    result = {
+        "topology": topo.name,
+        "devices": n,
+        "hbm_bytes_per_device": hbm,
+        "params_total": counts.total,
+        "params_activated": counts.activated,
+        "params_mtp": counts.mtp_total,
+        "flops_per_token": flops_per_token,
+        "model_flops_per_step": flops_per_token * step_tokens,
+        "budget": dataclasses.asdict(budget),
+    }
 
     layout = state_layout(exp)
     chosen = None
@@ -123,10 +147,15 @@ def main(argv):
         report.print_memory(chosen, topo)
         s = chosen.state
         result["mesh"] = chosen.mesh
-        result["analytic"] = {"params_bytes": s.params_bytes, "optimizer_bytes": s.optimizer_bytes,
-                              "gradient_bytes": s.gradient_bytes, "other_bytes": s.other_bytes,
-                              "activation_bytes": activation_bytes(chosen.activations),
-                              "total_bytes": chosen.memory_bytes, "fits": chosen.fits}
+        result["analytic"] = {
+            "params_bytes": s.params_bytes,
+            "optimizer_bytes": s.optimizer_bytes,
+            "gradient_bytes": s.gradient_bytes,
+            "other_bytes": s.other_bytes,
+            "activation_bytes": activation_bytes(chosen.activations),
+            "total_bytes": chosen.memory_bytes,
+            "fits": chosen.fits,
+        }
 
     missing = libtpu_missing_reason() if _COMPILE.value else None
     status = "libtpu missing" if missing else "skipped"
@@ -150,8 +179,10 @@ def main(argv):
         result["compiled_status"] = "resource exhausted" if plan.error else "ok"
         needed = plan.required_bytes or (plan.memory.total if plan.memory else 0)
         if needed > 2 * chosen.memory_bytes:
-            print(f"note: the compiler needs {needed / chosen.memory_bytes:.1f}x the analytic estimate: some tensor "
-                  "the plan assumes split over the batch is replicated (e.g. a sort or gather over all tokens)")
+            print(
+                f"note: the compiler needs {needed / chosen.memory_bytes:.1f}x the analytic estimate: some tensor "
+                "the plan assumes split over the batch is replicated (e.g. a sort or gather over all tokens)"
+            )
         fits, shown = result["compiled"]["fits"], chosen
     else:
         fits, shown = chosen.fits, chosen

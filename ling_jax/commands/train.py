@@ -35,8 +35,10 @@ def main(argv):
     except TrainingDiverged as e:
         print(f"ling-jax train: {e}", file=sys.stderr)
         sys.exit(3)
-    print(f"\nfinal step {result.final_step}: train loss {result.final_loss:.4f} nats/token "
-          f"(unigram entropy of the corpus {result.unigram_entropy:.4f})")
+    print(
+        f"\nfinal step {result.final_step}: train loss {result.final_loss:.4f} nats/token "
+        f"(unigram entropy of the corpus {result.unigram_entropy:.4f})"
+    )
     if result.heldout_loss is not None:
         print(f"held-out next-token loss {result.heldout_loss:.4f}")
     print(f"metrics: {_WORKDIR.value}/metrics.jsonl, loss curve: {_WORKDIR.value}/loss_curve.png")

@@ -15,17 +15,15 @@ import glob
 import json
 import os
 import sysconfig
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
-def stdlib_corpus(
-    max_files: int | None = None, seed: int = 0, *, include_tests: bool = False
-) -> list[str]:
+def stdlib_corpus(max_files: int | None = None, seed: int = 0, *, include_tests: bool = False) -> list[str]:
     """Returns the text of the Python standard library's `.py` files, one document per file.
 
     Files are found under `sysconfig.get_paths()["stdlib"]`, skipping `site-packages` and
@@ -38,9 +36,7 @@ def stdlib_corpus(
     skipped_dirs = {"site-packages", "dist-packages", "__pycache__"}
     if not include_tests:
         skipped_dirs |= {"test", "tests"}
-    paths = sorted(
-        p for p in root.rglob("*.py") if not skipped_dirs & set(p.relative_to(root).parts[:-1])
-    )
+    paths = sorted(p for p in root.rglob("*.py") if not skipped_dirs & set(p.relative_to(root).parts[:-1]))
     if max_files is not None:
         if max_files < 1:
             raise ValueError(f"stdlib_corpus: max_files must be >= 1, got {max_files}")
@@ -119,9 +115,7 @@ def _parse_jsonl(text: str, path: Path, text_field: str) -> list[str]:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if text_field not in record:
-            raise ValueError(
-                f"{where}: missing field {text_field!r} (fields present: {sorted(record)})"
-            )
+            raise ValueError(f"{where}: missing field {text_field!r} (fields present: {sorted(record)})")
         value = record[text_field]
         if not isinstance(value, str):
             raise ValueError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string")
@@ -129,9 +123,7 @@ def _parse_jsonl(text: str, path: Path, text_field: str) -> list[str]:
     return docs
 
 
-def split_documents(
-    docs: Sequence[str], heldout_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
+def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Splits documents into (train, heldout), deterministically given `seed`.
 
     round(heldout_fraction * len(docs)) documents, at least one when the fraction is positive and

@@ -20,7 +20,7 @@ Per row:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -93,9 +93,7 @@ class PackedRows:
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if len(self.tokens_L) < 2:
-            raise ValueError(
-                f"the packed corpus has {len(self.tokens_L)} tokens; at least 2 are needed"
-            )
+            raise ValueError(f"the packed corpus has {len(self.tokens_L)} tokens; at least 2 are needed")
         if len(self.doc_starts_D) == 0 or self.doc_starts_D[0] != 0:
             raise ValueError("doc_starts_D must be non-empty and start at 0")
 

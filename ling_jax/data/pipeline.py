@@ -17,7 +17,8 @@ global batch size, seed and rows are the same.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -43,8 +44,7 @@ def _resolve_processes(process_index: int | None, process_count: int | None) -> 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of "
-            f"process_count={process_count}"
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}"
         )
     return global_batch_size // process_count
 
@@ -81,9 +81,7 @@ class TrainIterator:
             .slice(slice(process_index, None, process_count))
             .map(rows.batch)
         )
-        read_options = grain.ReadOptions(
-            num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
-        )
+        read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
         self._iterator = iter(dataset.to_iter_dataset(read_options))
 
     def __iter__(self) -> TrainIterator:
@@ -98,9 +96,7 @@ class TrainIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a `get_state()` snapshot taken from an iterator over the same stream."""
-        mismatched = {
-            k: (state.get(k), v) for k, v in self._settings.items() if state.get(k) != v
-        }
+        mismatched = {k: (state.get(k), v) for k, v in self._settings.items() if state.get(k) != v}
         if mismatched:
             details = ", ".join(f"{k}: saved {s!r} vs current {c!r}" for k, (s, c) in mismatched.items())
             raise ValueError(f"data iterator state does not match this pipeline ({details})")
@@ -195,9 +191,7 @@ def build_datasets(
         heldout_budget = max(2, math.floor(max_tokens * heldout_fraction)) if heldout_docs else 0
         train_budget = max_tokens - heldout_budget
         if train_budget < 2:
-            raise ValueError(
-                f"max_tokens={max_tokens} leaves {train_budget} train tokens after the heldout share"
-            )
+            raise ValueError(f"max_tokens={max_tokens} leaves {train_budget} train tokens after the heldout share")
     train = pack_documents(train_docs, tokenizer, seq_len, max_tokens=train_budget)
     heldout = None
     if heldout_docs:

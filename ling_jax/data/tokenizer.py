@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -52,8 +53,8 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, *, what: str) -> None:
     position = tuple(int(i) for i in np.unravel_index(flat_index, ids.shape))
     value = int(ids.reshape(-1)[flat_index])
     raise ValueError(
-            f"{what}: token id {value} at position {position} is outside the valid range "
-            f"[0, {vocab_size}) ({int(bad.sum())} of {ids.size} ids are out of range)"
+        f"{what}: token id {value} at position {position} is outside the valid range "
+        f"[0, {vocab_size}) ({int(bad.sum())} of {ids.size} ids are out of range)"
     )
 
 
@@ -113,12 +114,12 @@ class HFTokenizer:
     """
 
     def __init__(
-            self,
-            path: str | os.PathLike,
-            *,
-            eos_id: int | None = None,
-            bos_id: int | None = None,
-            pad_id: int | None = None,
+        self,
+        path: str | os.PathLike,
+        *,
+        eos_id: int | None = None,
+        bos_id: int | None = None,
+        pad_id: int | None = None,
     ):
         import tokenizers  # Imported lazily: byte-level users do not need it.
 
@@ -129,14 +130,13 @@ class HFTokenizer:
             self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files.
             raise ValueError(
-                    f"{str(self.path)!r} is not a valid HF tokenizer.json file ({type(e).__name__}: {e})"
+                f"{str(self.path)!r} is not a valid HF tokenizer.json file ({type(e).__name__}: {e})"
             ) from e
         self._vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self._eos_id = self._resolve(eos_id, EOS_CANDIDATES, "eos")
         if self._eos_id is None:
             raise ValueError(
-                    f"tokenizer {str(self.path)!r} has none of the eos tokens {EOS_CANDIDATES}; "
-                    "pass eos_id explicitly"
+                f"tokenizer {str(self.path)!r} has none of the eos tokens {EOS_CANDIDATES}; pass eos_id explicitly"
             )
         self._bos_id = self._resolve(bos_id, BOS_CANDIDATES, "bos")
         self._pad_id = self._resolve(pad_id, PAD_CANDIDATES, "pad")
@@ -181,13 +181,13 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return (
-                f"HFTokenizer({str(self.path)!r}, vocab_size={self._vocab_size}, eos_id={self._eos_id}, "
-                f"bos_id={self._bos_id}, pad_id={self._pad_id})"
+            f"HFTokenizer({str(self.path)!r}, vocab_size={self._vocab_size}, eos_id={self._eos_id}, "
+            f"bos_id={self._bos_id}, pad_id={self._pad_id})"
         )
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """"byte" -> ByteTokenizer; a tokenizer.json path, or a directory holding one -> HFTokenizer."""
+    """ "byte" -> ByteTokenizer; a tokenizer.json path, or a directory holding one -> HFTokenizer."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)
@@ -197,9 +197,7 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
             raise ValueError(f"directory {spec!r} has no tokenizer.json")
         path = candidate
     elif not path.exists():
-        raise ValueError(
-                f"tokenizer spec {spec!r} is neither 'byte' nor an existing tokenizer.json file or directory"
-        )
+        raise ValueError(f"tokenizer spec {spec!r} is neither 'byte' nor an existing tokenizer.json file or directory")
     if path.suffix != ".json":
         raise ValueError(f"tokenizer file {str(path)!r} is not a .json file (expected tokenizer.json)")
     try:

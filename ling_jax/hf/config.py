@@ -86,8 +86,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rope_scaling = None
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
-        rope_scaling = {"factor": s.factor, "original_max_position_embeddings": s.original_max_position_embeddings,
-                        "rope_type": "yarn"}
+        rope_scaling = {
+            "factor": s.factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+            "rope_type": "yarn",
+        }
         if (s.beta_fast, s.beta_slow) != (32.0, 1.0):
             rope_scaling.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
         for key in ("mscale", "mscale_all_dim", "attention_factor"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -79,7 +79,12 @@ def _qkv_bias(cfg: ModelConfig):
         q, k, v = np.split(b, cuts)
         return q.reshape(H, Dh), k.reshape(K, Dh), v.reshape(K, Dh)
 
-    return to_ours, lambda s: np.concatenate([x.reshape(-1) for x in s]), ((H, Dh), (K, Dh), (K, Dh)), ((H + 2 * K) * Dh,)
+    return (
+        to_ours,
+        lambda s: np.concatenate([x.reshape(-1) for x in s]),
+        ((H, Dh), (K, Dh), (K, Dh)),
+        ((H + 2 * K) * Dh,),
+    )
 
 
 def _layer_spec(cfg: ModelConfig, is_moe: bool):
@@ -89,15 +94,27 @@ def _layer_spec(cfg: ModelConfig, is_moe: bool):
     spec = [
         (((P, ("input_norm", "scale")),), "input_layernorm.weight", _vector(D), False),
         (((P, ("post_attention_norm", "scale")),), "post_attention_layernorm.weight", _vector(D), False),
-        (tuple((P, ("attention", f"{n}_proj", "kernel")) for n in "qkv"), "attention.query_key_value.weight",
-         _qkv_weight(cfg), False),
+        (
+            tuple((P, ("attention", f"{n}_proj", "kernel")) for n in "qkv"),
+            "attention.query_key_value.weight",
+            _qkv_weight(cfg),
+            False,
+        ),
         (((P, ("attention", "o_proj", "kernel")),), "attention.dense.weight", _linear_in((H, Dh), D), False),
     ]
     if cfg.use_qkv_bias:
-        spec.append((tuple((P, ("attention", f"{n}_bias")) for n in "qkv"), "attention.query_key_value.bias",
-                     _qkv_bias(cfg), False))
+        spec.append(
+            (
+                tuple((P, ("attention", f"{n}_bias")) for n in "qkv"),
+                "attention.query_key_value.bias",
+                _qkv_bias(cfg),
+                False,
+            )
+        )
     if cfg.use_qk_norm:
-        spec.append((((P, ("attention", "query_norm", "scale")),), "attention.query_layernorm.weight", _vector(Dh), False))
+        spec.append(
+            (((P, ("attention", "query_norm", "scale")),), "attention.query_layernorm.weight", _vector(Dh), False)
+        )
         spec.append((((P, ("attention", "key_norm", "scale")),), "attention.key_layernorm.weight", _vector(Dh), False))
     if cfg.use_bias:
         spec.append((((P, ("attention", "o_bias")),), "attention.dense.bias", _vector(D), False))
@@ -116,10 +133,22 @@ def _layer_spec(cfg: ModelConfig, is_moe: bool):
     if cfg.num_shared_experts:
         Fs = cfg.shared_intermediate_size
         for name in ("gate_proj", "up_proj"):
-            spec.append((((P, ("moe", "shared_experts", name, "kernel")),), f"mlp.shared_experts.{name}.weight",
-                         _linear(D, (Fs,)), False))
-        spec.append((((P, ("moe", "shared_experts", "down_proj", "kernel")),), "mlp.shared_experts.down_proj.weight",
-                     _linear(Fs, (D,)), False))
+            spec.append(
+                (
+                    ((P, ("moe", "shared_experts", name, "kernel")),),
+                    f"mlp.shared_experts.{name}.weight",
+                    _linear(D, (Fs,)),
+                    False,
+                )
+            )
+        spec.append(
+            (
+                ((P, ("moe", "shared_experts", "down_proj", "kernel")),),
+                "mlp.shared_experts.down_proj.weight",
+                _linear(Fs, (D,)),
+                False,
+            )
+        )
     return spec
 
 
@@ -129,7 +158,9 @@ def _layer_entries(spec, layer_ids, prefix: Path, layer_axis: bool, num_experts:
     entries = []
     for leaves, suffix, (to_ours, to_hf, slice_shapes, hf_shape), per_expert in spec:
         experts = range(num_experts) if per_expert else [None]
-        names = tuple(f"model.layers.{l}.{suffix.format(e=e)}" for l, e in itertools.product(layer_ids, experts))
+        names = tuple(
+            f"model.layers.{layer}.{suffix.format(e=e)}" for layer, e in itertools.product(layer_ids, experts)
+        )
         stack = ((len(layer_ids),) if layer_axis else ()) + ((num_experts,) if per_expert else ())
         entries.append(
             Entry(tuple((c, prefix + p) for c, p in leaves), names, stack, to_ours, to_hf, slice_shapes, hf_shape)
@@ -141,8 +172,11 @@ def _stack_entries(cfg: ModelConfig, is_moe: bool, layer_ids: range, name: str) 
     spec = _layer_spec(cfg, is_moe)
     if cfg.scan_layers:
         return _layer_entries(spec, layer_ids, (name, "layers"), True, cfg.num_experts)
-    return [e for i, l in enumerate(layer_ids)
-            for e in _layer_entries(spec, [l], (name, f"layers_{i}"), False, cfg.num_experts)]
+    return [
+        e
+        for i, layer in enumerate(layer_ids)
+        for e in _layer_entries(spec, [layer], (name, f"layers_{i}"), False, cfg.num_experts)
+    ]
 
 
 def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
@@ -166,13 +200,13 @@ def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
     if cfg.num_moe_layers:
         entries += _stack_entries(cfg, True, range(n_dense, cfg.num_layers), "moe_stack")
     for i in range(cfg.num_mtp_layers):
-        l = cfg.num_layers + i
+        layer = cfg.num_layers + i
         pre = (f"mtp_{i}",)
         entries += [
-            top(pre + ("enorm", "scale"), f"model.layers.{l}.enorm.weight", _vector(D)),
-            top(pre + ("hnorm", "scale"), f"model.layers.{l}.hnorm.weight", _vector(D)),
-            top(pre + ("eh_proj", "kernel"), f"model.layers.{l}.eh_proj.weight", _linear(2 * D, (D,))),
-            top(pre + ("final_norm", "scale"), f"model.layers.{l}.final_layernorm.weight", _vector(D)),
+            top(pre + ("enorm", "scale"), f"model.layers.{layer}.enorm.weight", _vector(D)),
+            top(pre + ("hnorm", "scale"), f"model.layers.{layer}.hnorm.weight", _vector(D)),
+            top(pre + ("eh_proj", "kernel"), f"model.layers.{layer}.eh_proj.weight", _linear(2 * D, (D,))),
+            top(pre + ("final_norm", "scale"), f"model.layers.{layer}.final_layernorm.weight", _vector(D)),
         ]
-        entries += _layer_entries(_layer_spec(cfg, True), [l], pre + ("layer",), False, E)
+        entries += _layer_entries(_layer_spec(cfg, True), [layer], pre + ("layer",), False, E)
     return entries

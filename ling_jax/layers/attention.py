@@ -6,13 +6,12 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ling_jax.config import ModelConfig
-from ling_jax.layers.attention_core import causal_query_chunks, dot_product_attention
 from ling_jax.layers.basic import RMSNorm, param_with_axes, projection
-from ling_jax.layers.rope import apply_rope
+from ling_jax.ops.attention_core import causal_query_chunks, dot_product_attention
+from ling_jax.ops.rope import apply_rope
 
 
 class KVCache(NamedTuple):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ling_jax.layers.fp8 import FP8_STATS, check_projection_equation, fp8_projection, quantization_stats
+from ling_jax.ops.fp8 import FP8_STATS, check_projection_equation, fp8_projection, quantization_stats
 
 
 def param_with_axes(module: nn.Module, name: str, init_fn, shape: Sequence[int], axes: Sequence[str], dtype):
@@ -47,20 +46,29 @@ class Einsum(nn.Module):
         if self.fp8 is None:  # as one 2-D matmul: XLA:CPU runs 3-D einsums ~1.5x slower (fwd + bwd)
             k = math.prod(kernel.shape[: self.contract])
             y_MN = jnp.dot(x.astype(self.dtype).reshape(-1, k), kernel.astype(self.dtype).reshape(k, -1))
-            return y_MN.reshape(*x.shape[: x.ndim - self.contract], *kernel.shape[self.contract:])
-        x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - self.contract:]))
+            return y_MN.reshape(*x.shape[: x.ndim - self.contract], *kernel.shape[self.contract :])
+        x_MK = x.reshape(-1, math.prod(x.shape[x.ndim - self.contract :]))
         for name, value in quantization_stats(x_MK, blocks=False).items():
             self.sow(FP8_STATS, f"input_{name}", value)
         for name, value in quantization_stats(kernel.reshape(x_MK.shape[1], -1), blocks=True).items():
             self.sow(FP8_STATS, f"kernel_{name}", value)
-        return fp8_projection(x.astype(self.dtype), kernel.astype(self.dtype), contract=self.contract,
-                              impl=self.fp8, out_dtype=self.dtype)
+        return fp8_projection(
+            x.astype(self.dtype), kernel.astype(self.dtype), contract=self.contract, impl=self.fp8, out_dtype=self.dtype
+        )
 
 
 def projection(cfg, shape, axes, name: str, contract: int = 1) -> Einsum:
     """An Einsum with the config's dtypes, init and FP8 mode."""
-    return Einsum(tuple(shape), tuple(axes), cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.init_std,
-                  fp8=None if cfg.fp8 == "off" else cfg.fp8, contract=contract, name=name)
+    return Einsum(
+        tuple(shape),
+        tuple(axes),
+        cfg.jnp_dtype,
+        cfg.jnp_param_dtype,
+        cfg.init_std,
+        fp8=None if cfg.fp8 == "off" else cfg.fp8,
+        contract=contract,
+        name=name,
+    )
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

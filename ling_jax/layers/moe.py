@@ -8,7 +8,7 @@ bias update is the same on every mesh. The routed experts then run per shard:
   (ling_jax/sharding/rules.py BATCH_AXES: data, fsdp, expert) hold one device: `dispatch` on all
   tokens, as on one device.
 - Otherwise (e.g. the train step, which traces under `jax.set_mesh(mesh)`): `per_shard_dispatch`
-  (ling_jax/layers/expert_parallel.py), a `jax.shard_map` in which every device dispatches only its
+  (ling_jax/ops/expert_parallel.py), a `jax.shard_map` in which every device dispatches only its
   own tokens, so the "ragged" / "blocked" expert sort covers n * k local assignments instead of the
   global batch's N * k (which GSPMD cannot split). With mesh axis "expert" > 1 the experts stay
   split over it and tokens travel by all-to-all; otherwise every device gathers all experts'
@@ -29,11 +29,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.basic import param_with_axes
-from ling_jax.layers.dispatch import ExpertWeights, default_dispatch, dispatch
-from ling_jax.layers.expert_parallel import ExpertParallelOutput, per_shard_dispatch, token_shards
 from ling_jax.layers.mlp import MLP
-from ling_jax.layers.pallas_target import kernel_platform
-from ling_jax.layers.routing import expert_counts, route
+from ling_jax.ops.dispatch import ExpertWeights, default_dispatch, dispatch
+from ling_jax.ops.expert_parallel import ExpertParallelOutput, per_shard_dispatch, token_shards
+from ling_jax.ops.pallas_target import kernel_platform
+from ling_jax.ops.routing import expert_counts, route
 
 EXPERT_BIAS = "expert_bias"  # variable collection of the aux-loss-free routing biases (float32)
 
@@ -59,17 +59,26 @@ def dispatch_mesh(num_tokens: int):
     return mesh if shards > 1 and num_tokens % shards == 0 else None
 
 
-def routed_experts(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str,
-                   capacity_factor: float | None = None, fp8_impl: str | None = None) -> ExpertParallelOutput:
+def routed_experts(
+    x_ND,
+    ids_Nk,
+    weights_Nk,
+    experts: ExpertWeights,
+    *,
+    impl: str,
+    capacity_factor: float | None = None,
+    fp8_impl: str | None = None,
+) -> ExpertParallelOutput:
     """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]), per shard under a mesh, else global, and
     the dropped-assignment count (`capacity_factor`: expert parallelism only, see
-    ling_jax/layers/expert_parallel.py). `fp8_impl`: the model's FP8 mode for the expert GEMMs."""
+    ling_jax/ops/expert_parallel.py). `fp8_impl`: the model's FP8 mode for the expert GEMMs."""
     mesh = dispatch_mesh(x_ND.shape[0])
     if mesh is None:
         y_ND = dispatch(x_ND, ids_Nk, weights_Nk, experts, impl=impl, fp8_impl=fp8_impl)
         return ExpertParallelOutput(y_ND, jnp.zeros((), jnp.int32))
-    return per_shard_dispatch(x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, impl=impl,
-                              capacity_factor=capacity_factor, fp8_impl=fp8_impl)
+    return per_shard_dispatch(
+        x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, impl=impl, capacity_factor=capacity_factor, fp8_impl=fp8_impl
+    )
 
 
 class MoE(nn.Module):
@@ -110,8 +119,15 @@ class MoE(nn.Module):
         impl = cfg.moe_dispatch
         if impl == "auto":
             impl = "blocked" if cfg.fp8 != "off" else default_dispatch(kernel_platform())
-        y_ND, dropped = routed_experts(x_ND.astype(dtype), ids_Nk, weights_Nk, experts, impl=impl,
-                                       capacity_factor=cfg.expert_capacity_factor, fp8_impl=cfg.fp8)
+        y_ND, dropped = routed_experts(
+            x_ND.astype(dtype),
+            ids_Nk,
+            weights_Nk,
+            experts,
+            impl=impl,
+            capacity_factor=cfg.expert_capacity_factor,
+            fp8_impl=cfg.fp8,
+        )
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:
             y_BTD = y_BTD + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x_BTD)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.decoder import DecoderLayer
-from ling_jax.layers.fp8 import FP8_STATS
 from ling_jax.layers.moe import EXPERT_BIAS
+from ling_jax.ops.fp8 import FP8_STATS
 
 
 def remat_policy(name: str):

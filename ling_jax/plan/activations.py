@@ -20,7 +20,7 @@ Terms (each is a line of the breakdown):
   expert = 1: every device runs all E experts on its tokens. "dense": [N, E, F] x3 and [N, E, D];
   "ragged" / "blocked": the N*k expert-sorted assignments, [N*k, D] x2 and [N*k, F] x3 (blocked
   adds at most E*(b-1) padding rows, not counted).
-  expert = e > 1 (ling_jax/layers/expert_parallel.py, dropless): each device receives a buffer of
+  expert = e > 1 (ling_jax/ops/expert_parallel.py, dropless): each device receives a buffer of
   C = N rows from each of the e shards, so it computes e*N received rows with its E/e experts,
   kl = min(k, E/e) expert slots a row; the send / receive buffers of x and of the outputs add
   4 x [e*N, D]. "dense": [e*N, E/e, F] x3 and [e*N, E/e, D] (the same as expert = 1);
@@ -42,7 +42,7 @@ import math
 import numpy as np
 
 from ling_jax.config import ModelConfig
-from ling_jax.layers.expert_parallel import receive_capacity, send_capacity
+from ling_jax.ops.expert_parallel import receive_capacity, send_capacity
 from ling_jax.sharding.rules import BATCH_AXES
 
 F32 = 4  # bytes
@@ -83,8 +83,9 @@ def dispatch_bytes(cfg: ModelConfig, tokens: int, expert_ways: int, model_ways: 
     return exchange + 2 * assignments * D * dt + 3 * assignments * F * dt
 
 
-def layer_activations(cfg: ModelConfig, tokens: int, seqs: int, model_ways: int, is_moe: bool,
-                      dispatch: int = 0) -> LayerActivations:
+def layer_activations(
+    cfg: ModelConfig, tokens: int, seqs: int, model_ways: int, is_moe: bool, dispatch: int = 0
+) -> LayerActivations:
     """Forward intermediates of one decoder layer on one device (N = tokens, b = seqs); `dispatch`
     is the MoE dispatch buffers' bytes (`dispatch_bytes`)."""
     dt = np.dtype(cfg.dtype).itemsize

@@ -108,8 +108,9 @@ def state_layout(exp: Experiment, rules=LOGICAL_AXIS_RULES) -> StateLayout:
     for (path, leaf), sharding in zip(flat_abstract, flat_shardings, strict=True):
         text = path_text(path)
         group = text.split("/", 1)[0]
-        leaves.append((text, group if group in STATE_GROUPS else "other", tuple(leaf.shape), str(leaf.dtype),
-                       sharding.spec))
+        leaves.append(
+            (text, group if group in STATE_GROUPS else "other", tuple(leaf.shape), str(leaf.dtype), sharding.spec)
+        )
     return StateLayout(tuple(leaves))
 
 

@@ -41,8 +41,13 @@ def plan_budget(cfg: ModelConfig, seq_len: int, tokens: float = DEFAULT_TOKENS) 
     ratio = cfg.num_experts_per_tok / cfg.num_experts
     granularity = expert_granularity(cfg.hidden_size, cfg.moe_intermediate_size)
     return Budget(
-        flops_per_token=m, tokens=tokens, compute_flops=rec.compute_flops, activation_ratio=ratio,
-        granularity=granularity, efficiency_leverage=efficiency_leverage(ratio, granularity, rec.compute_flops),
-        optimal_learning_rate=rec.learning_rate, optimal_batch_tokens=rec.batch_tokens,
+        flops_per_token=m,
+        tokens=tokens,
+        compute_flops=rec.compute_flops,
+        activation_ratio=ratio,
+        granularity=granularity,
+        efficiency_leverage=efficiency_leverage(ratio, granularity, rec.compute_flops),
+        optimal_learning_rate=rec.learning_rate,
+        optimal_batch_tokens=rec.batch_tokens,
         optimal_batch_sequences=rec.batch_sequences,
     )

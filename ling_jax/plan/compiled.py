@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from ling_jax.layers.dispatch import default_dispatch
+from ling_jax.ops.dispatch import default_dispatch
 from ling_jax.plan.analytic import path_text
 from ling_jax.plan.program_flops import ProgramFlops, program_flops
 from ling_jax.sharding import batch_spec, build_mesh
@@ -41,8 +41,13 @@ from ling_jax.train.state import make_optimizer, state_shardings
 from ling_jax.train.step import make_train_step
 
 # The train step's batch (ling_jax/train/step.py `Batch`, built by ling_jax/data/packing.py).
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
-                "loss_mask": jnp.float32}
+BATCH_DTYPES = {
+    "inputs": jnp.int32,
+    "targets": jnp.int32,
+    "segment_ids": jnp.int32,
+    "positions": jnp.int32,
+    "loss_mask": jnp.float32,
+}
 _REQUIRED = re.compile(r"required for [^(]*\(([\d.]+)([KMGTP]?)\)")
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
@@ -117,13 +122,20 @@ def compile_train_step(exp: Experiment, mesh_sizes: dict[str, int], devices) -> 
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         message = str(e).strip().splitlines()[0]
-        return CompiledPlan(**base, compile_seconds=time.perf_counter() - lowered_at, error=message,
-                            required_bytes=_required_bytes(message))
+        return CompiledPlan(
+            **base,
+            compile_seconds=time.perf_counter() - lowered_at,
+            error=message,
+            required_bytes=_required_bytes(message),
+        )
     compile_seconds = time.perf_counter() - lowered_at
     stats = compiled.memory_analysis()
     memory = MemoryFigures(
-        argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes, temp=stats.temp_size_in_bytes,
-        generated_code=stats.generated_code_size_in_bytes, alias=stats.alias_size_in_bytes,
+        argument=stats.argument_size_in_bytes,
+        output=stats.output_size_in_bytes,
+        temp=stats.temp_size_in_bytes,
+        generated_code=stats.generated_code_size_in_bytes,
+        alias=stats.alias_size_in_bytes,
     )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -131,5 +143,10 @@ def compile_train_step(exp: Experiment, mesh_sizes: dict[str, int], devices) -> 
     in_shardings = jax.tree.leaves(state_in, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     paths = jax.tree_util.tree_flatten_with_path(abstract)[0]
     leaves = tuple((path_text(p), tuple(a.shape), _spec_text(s)) for (p, a), s in zip(paths, in_shardings, strict=True))
-    return CompiledPlan(**base, compile_seconds=compile_seconds, memory=memory,
-                        xla_flops_per_device=float(cost.get("flops", 0.0)), shardings=leaves)
+    return CompiledPlan(
+        **base,
+        compile_seconds=compile_seconds,
+        memory=memory,
+        xla_flops_per_device=float(cost.get("flops", 0.0)),
+        shardings=leaves,
+    )

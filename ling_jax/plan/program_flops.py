@@ -66,8 +66,11 @@ def _count(jaxpr, scale_loops: bool) -> tuple[float, int]:
             flops += _dot_flops(eqn)
         elif name == "ragged_dot_general":
             flops += _ragged_dot_flops(eqn)
-        elif name == "ffi_call" and (kernel := call_matmul_flops(
-                eqn.params.get("target_name", ""), [v.aval.shape for v in eqn.invars])) is not None:
+        elif (
+            name == "ffi_call"
+            and (kernel := call_matmul_flops(eqn.params.get("target_name", ""), [v.aval.shape for v in eqn.invars]))
+            is not None
+        ):
             flops += kernel
         elif name == "scan":
             body, n = _count(eqn.params["jaxpr"].jaxpr, scale_loops)
@@ -83,7 +86,7 @@ def _count(jaxpr, scale_loops: bool) -> tuple[float, int]:
             unknown += max(n for _, n in counted)
         else:
             copies = math.prod(eqn.params["mesh"].shape.values()) if name == "shard_map" else 1
-            for key, value in eqn.params.items():
+            for value in eqn.params.values():
                 for sub in _subjaxprs(value):
                     body, n = _count(sub, scale_loops)
                     flops += copies * body

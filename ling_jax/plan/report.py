@@ -19,10 +19,16 @@ def mesh_text(mesh: dict[str, int]) -> str:
 
 def memory_rows(cand: Candidate) -> list[tuple[str, int]]:
     s = cand.state
-    rows = [("parameters", s.params_bytes), ("optimizer state (AdamW mu + nu)", s.optimizer_bytes),
-            ("gradients", s.gradient_bytes), ("expert biases + counters", s.other_bytes)]
-    rows += [(f"activations: {k.strip()}", v) if not k.startswith(" ") else (f"  ({k.strip()})", v)
-             for k, v in cand.activations.items()]
+    rows = [
+        ("parameters", s.params_bytes),
+        ("optimizer state (AdamW mu + nu)", s.optimizer_bytes),
+        ("gradients", s.gradient_bytes),
+        ("expert biases + counters", s.other_bytes),
+    ]
+    rows += [
+        (f"activations: {k.strip()}", v) if not k.startswith(" ") else (f"  ({k.strip()})", v)
+        for k, v in cand.activations.items()
+    ]
     return rows
 
 
@@ -31,11 +37,15 @@ def count_text(n: int) -> str:
 
 
 def print_model(counts: ParamCounts, flops_per_token: float, step_tokens: int, num_devices: int) -> None:
-    print(f"parameters: total {count_text(counts.total)} (+ MTP {count_text(counts.mtp_total)}), "
-          f"activated {count_text(counts.activated)} per token")
+    print(
+        f"parameters: total {count_text(counts.total)} (+ MTP {count_text(counts.mtp_total)}), "
+        f"activated {count_text(counts.activated)} per token"
+    )
     step = flops_per_token * step_tokens
-    print(f"training FLOPs: {flops_per_token:.4g} per token; {step:.4g} per step of {step_tokens:,} tokens "
-          f"({step / num_devices:.4g} per device)")
+    print(
+        f"training FLOPs: {flops_per_token:.4g} per token; {step:.4g} per step of {step_tokens:,} tokens "
+        f"({step / num_devices:.4g} per device)"
+    )
 
 
 def print_memory(cand: Candidate, topo: Topology) -> None:
@@ -43,15 +53,19 @@ def print_memory(cand: Candidate, topo: Topology) -> None:
     for name, value in memory_rows(cand):
         print(f"  {name:<46} {gib(value):>14}")
     verdict = "fits" if cand.fits else "DOES NOT FIT"
-    print(f"  {'total':<46} {gib(cand.memory_bytes):>14}  of {gib(topo.hbm_bytes_per_device)} HBM per device "
-          f"({topo.chip.name}): {verdict}")
+    print(
+        f"  {'total':<46} {gib(cand.memory_bytes):>14}  of {gib(topo.hbm_bytes_per_device)} HBM per device "
+        f"({topo.chip.name}): {verdict}"
+    )
 
 
 def print_budget(b: Budget, lr: float, batch: int, seq_len: int) -> None:
     print(f"scaling laws at C = {b.flops_per_token:.4g} FLOPs/token x {b.tokens:.4g} tokens = {b.compute_flops:.4g}:")
     print(f"  efficiency leverage EL(A={b.activation_ratio:.4g}, G={b.granularity:g}) = {b.efficiency_leverage:.2f}")
-    print(f"  optimal peak LR {b.optimal_learning_rate:.4g} (config {lr:.4g}); optimal batch "
-          f"{b.optimal_batch_sequences:,} x {seq_len} tokens (config {batch:,})")
+    print(
+        f"  optimal peak LR {b.optimal_learning_rate:.4g} (config {lr:.4g}); optimal batch "
+        f"{b.optimal_batch_sequences:,} x {seq_len} tokens (config {batch:,})"
+    )
 
 
 def print_consumers(cand: Candidate, top: int) -> None:
@@ -66,8 +80,10 @@ def print_consumers(cand: Candidate, top: int) -> None:
 
 
 def print_compiled(plan: CompiledPlan, num_devices: int, hbm: int, analytic_flops_per_device: float) -> None:
-    print(f"compiled train step on mesh {mesh_text(plan.mesh_shape)}: lowered in {plan.lower_seconds:.1f} s, "
-          f"compiled in {plan.compile_seconds:.1f} s")
+    print(
+        f"compiled train step on mesh {mesh_text(plan.mesh_shape)}: lowered in {plan.lower_seconds:.1f} s, "
+        f"compiled in {plan.compile_seconds:.1f} s"
+    )
     if plan.error:
         need = f" (the compiler needs {gib(plan.required_bytes)})" if plan.required_bytes else ""
         print(f"  DOES NOT FIT: {plan.error}{need}")
@@ -78,14 +94,18 @@ def print_compiled(plan: CompiledPlan, num_devices: int, hbm: int, analytic_flop
     verdict = "fits" if m.total <= hbm else "DOES NOT FIT"
     print(f"  {'total (arg+out-alias+temp+code)':<33} {gib(m.total):>14}  of {gib(hbm)} per device: {verdict}")
     program = plan.program.total / num_devices
-    print(f"  matmul FLOPs per device in the program (jaxpr, scans x length): {program:.4g} = "
-          f"{program / analytic_flops_per_device:.3f} x the analytic model FLOPs (remat recompute and dense "
-          f"dispatch count here)")
+    print(
+        f"  matmul FLOPs per device in the program (jaxpr, scans x length): {program:.4g} = "
+        f"{program / analytic_flops_per_device:.3f} x the analytic model FLOPs (remat recompute and dense "
+        f"dispatch count here)"
+    )
     if plan.xla_flops_per_device:
         once = plan.program.loops_once / num_devices
-        print(f"  XLA cost_analysis FLOPs per device (each loop body counted once): {plan.xla_flops_per_device:.4g} "
-              f"= {plan.xla_flops_per_device / once:.3f} x the program's matmul FLOPs with loops once "
-              f"({once:.4g})")
+        print(
+            f"  XLA cost_analysis FLOPs per device (each loop body counted once): {plan.xla_flops_per_device:.4g} "
+            f"= {plan.xla_flops_per_device / once:.3f} x the program's matmul FLOPs with loops once "
+            f"({once:.4g})"
+        )
 
 
 def print_search(ranked: list[Candidate], comm: list[float], compiled: dict, shown: int) -> None:
@@ -96,5 +116,3 @@ def print_search(ranked: list[Candidate], comm: list[float], compiled: dict, sho
         result = compiled.get(key)
         ctext = "-" if result is None else result
         print(f"  {key:<38} {gib(cand.memory_bytes):>14} {gib(c):>13}  {'fits' if cand.fits else 'no':<8}  {ctext}")
-
-

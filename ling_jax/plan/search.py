@@ -12,7 +12,7 @@ order, no overlap, used only to order candidates):
   reduce-scattered once, in the compute dtype: 3 x shard bytes x (fsdp - 1).
 - data: gradient all-reduce, 2 x gradient bytes x (data - 1) / data.
 - model: per layer 2 all-reduces of the [N, D] activations forward and 2 backward.
-- expert: the routed experts run per shard (ling_jax/layers/expert_parallel.py): tokens go to
+- expert: the routed experts run per shard (ling_jax/ops/expert_parallel.py): tokens go to
   the shards holding their experts in fixed-size all-to-alls of [expert, C, D] buffers (C = N
   dropless, `send_capacity` with a capacity factor), of which (expert - 1) / expert leave the device;
   per MoE layer the tokens and the outputs forward, again in the backward recompute, and the two
@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from ling_jax.config import ConfigError
-from ling_jax.layers.expert_parallel import send_capacity
+from ling_jax.ops.expert_parallel import send_capacity
 from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import StateLayout, StatePlan, plan_state
 from ling_jax.sharding.mesh import MESH_AXES
@@ -45,7 +45,9 @@ class Candidate:
     @property
     def memory_bytes(self) -> int:
         s = self.state
-        return s.params_bytes + s.optimizer_bytes + s.gradient_bytes + s.other_bytes + activation_bytes(self.activations)
+        return (
+            s.params_bytes + s.optimizer_bytes + s.gradient_bytes + s.other_bytes + activation_bytes(self.activations)
+        )
 
     @property
     def fits(self) -> bool:
@@ -78,7 +80,8 @@ def communication_bytes(exp: Experiment, cand: Candidate) -> float:
     dt = np.dtype(cfg.dtype).itemsize
     fsdp_shards = sum(
         leaf.bytes_per_device / np.dtype(leaf.dtype).itemsize * dt
-        for leaf in cand.state.leaves if leaf.group == "params" and "fsdp" in str(leaf.spec)
+        for leaf in cand.state.leaves
+        if leaf.group == "params" and "fsdp" in str(leaf.spec)
     )
     total = 3 * fsdp_shards * (mesh["fsdp"] - 1)
     total += 2 * cand.state.gradient_bytes * (mesh["data"] - 1) / mesh["data"]
@@ -111,6 +114,7 @@ def search_meshes(exp: Experiment, layout: StateLayout, num_devices: int, hbm_by
             found.append(evaluate_mesh(exp, layout, mesh, hbm_bytes))
         except ConfigError:
             continue
+
     def rank(c: Candidate):  # fitting meshes by communication; the others by how close they come
         return (0, communication_bytes(exp, c), c.memory_bytes) if c.fits else (1, c.memory_bytes, 0.0)
 

@@ -77,7 +77,7 @@ class Topology:
 
 
 def parse_topology(name: str) -> Topology:
-    """"v5p:16x16x16" -> Topology (chip generation, chips per torus dimension)."""
+    """ "v5p:16x16x16" -> Topology (chip generation, chips per torus dimension)."""
     generation, sep, shape_text = name.partition(":")
     if not sep or generation not in CHIPS:
         raise TopologyError(f"topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of {sorted(CHIPS)}")
@@ -87,7 +87,9 @@ def parse_topology(name: str) -> Topology:
     except ValueError:
         raise TopologyError(f"topology {name!r}: chip counts must be integers, got {shape_text!r}") from None
     if len(shape) != chip.dims or any(s <= 0 for s in shape):
-        raise TopologyError(f"topology {name!r}: {generation} needs {chip.dims} positive chip counts, got {shape_text!r}")
+        raise TopologyError(
+            f"topology {name!r}: {generation} needs {chip.dims} positive chip counts, got {shape_text!r}"
+        )
     return Topology(name, chip, shape)
 
 

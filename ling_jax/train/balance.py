@@ -35,8 +35,9 @@ def bias_delta(counts_E: jax.Array, rate: float) -> jax.Array:
 
 
 def update_expert_bias(expert_bias, counts_tree, rate: float):
-    return jax.tree.map(lambda b, c: (b + bias_delta(c.astype(jnp.float32), rate)).astype(b.dtype), expert_bias,
-                        counts_tree)
+    return jax.tree.map(
+        lambda b, c: (b + bias_delta(c.astype(jnp.float32), rate)).astype(b.dtype), expert_bias, counts_tree
+    )
 
 
 def load_metrics(counts_LE: jax.Array) -> dict[str, jax.Array]:

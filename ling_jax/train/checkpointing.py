@@ -14,9 +14,7 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
     def __init__(self, directory: Path, *, keep: int, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
@@ -34,8 +32,9 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
         """The state of `step` placed with `shardings`, and the data iterator state."""
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                              shardings)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        )
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         )

@@ -8,7 +8,8 @@ Code below this module never sees the ConfigDict.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -112,8 +113,13 @@ class Experiment:
     mesh: MeshConfig
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
-             "mesh": MeshConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "mesh": MeshConfig,
+}
 
 
 def _build(cls, section: str, values: Mapping[str, Any]):
@@ -124,7 +130,7 @@ def _build(cls, section: str, values: Mapping[str, Any]):
             message = str(e)
             prefix = "unknown model config field(s): "
             if message.startswith(prefix):  # name them as the user wrote them: model.<key>
-                names = message[len(prefix):].split(", ")
+                names = message[len(prefix) :].split(", ")
                 raise ConfigError(f"unknown model config field(s): {', '.join(f'model.{n}' for n in names)}") from None
             raise ConfigError(f"model.{message}") from None
         except TypeError as e:  # an unknown key inside model.rope_scaling
@@ -148,24 +154,52 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def ling2_config(*, layers: int, hidden: int, heads: int, kv_heads: int, dense_width: int, expert_width: int,
-                 dense_layers: int, batch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
+def ling2_config(
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    dense_width: int,
+    expert_width: int,
+    dense_layers: int,
+    batch_size: int,
+    learning_rate: float,
+) -> ml_collections.ConfigDict:
     """A published Ling 2.0 size: what all three share (../shared/docs/ling2-spec.md) plus its shape
     and its pre-training batch (sequences of 4K) and peak LR from the report."""
     config = base_config()
     config.model.update(
-        vocab_size=157184, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=128, intermediate_size=dense_width, num_experts=256, num_experts_per_tok=8, n_group=8,
-        topk_group=4, num_shared_experts=1, moe_intermediate_size=expert_width, first_k_dense_replace=dense_layers,
-        num_mtp_layers=1, mtp_loss_weight=0.1, routed_scaling_factor=2.5, partial_rotary_factor=0.5,
-        rope_theta=10000.0, max_position_embeddings=4096, dtype="bfloat16", remat_policy="save_dots",
+        vocab_size=157184,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=128,
+        intermediate_size=dense_width,
+        num_experts=256,
+        num_experts_per_tok=8,
+        n_group=8,
+        topk_group=4,
+        num_shared_experts=1,
+        moe_intermediate_size=expert_width,
+        first_k_dense_replace=dense_layers,
+        num_mtp_layers=1,
+        mtp_loss_weight=0.1,
+        routed_scaling_factor=2.5,
+        partial_rotary_factor=0.5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        dtype="bfloat16",
+        remat_policy="save_dots",
         # "auto": the platform's dispatch (ragged on TPU and Hopper GPUs), run per batch shard under a
         # mesh (ling_jax/layers/moe.py); benchmarks/README.md's plan section has the compiled figures.
         moe_dispatch="auto",
     )
     config.data.tokenizer = "tokenizer.json"  # the official Ling tokenizer, provided by the user
-    config.train.update(batch_size=batch_size, seq_len=4096, learning_rate=learning_rate, warmup_steps=2000,
-                        z_loss_weight=3.5e-6)
+    config.train.update(
+        batch_size=batch_size, seq_len=4096, learning_rate=learning_rate, warmup_steps=2000, z_loss_weight=3.5e-6
+    )
     return config
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import flax
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
@@ -107,8 +107,14 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
     is_main = jax.process_index() == 0
     mesh = build_mesh(exp.mesh.axes)
     check_batch_layout(exp, mesh)
-    data = build_datasets(exp.data.source, exp.data.tokenizer, exp.train.seq_len, exp.data.heldout_fraction,
-                          exp.train.seed, exp.data.max_tokens or None)
+    data = build_datasets(
+        exp.data.source,
+        exp.data.tokenizer,
+        exp.train.seq_len,
+        exp.data.heldout_fraction,
+        exp.train.seed,
+        exp.data.max_tokens or None,
+    )
     if data.tokenizer.vocab_size > exp.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -138,8 +144,9 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
     log = MetricsLog(workdir, enabled=is_main)
     tokens_per_step = exp.train.batch_size * exp.train.seq_len
     start_step = int(state.step)
-    bar = tqdm(total=exp.train.steps, initial=start_step, disable=not (progress and is_main), unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=exp.train.steps, initial=start_step, disable=not (progress and is_main), unit="step", dynamic_ncols=True
+    )
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
     try:
@@ -184,11 +191,21 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
                     record[f"load_cv/layer_{i}"] = float(cv)
                 record.update(fp8_records(m.get("fp8_stats")))
                 if eval_now and data.heldout is not None:
-                    record["heldout_loss"] = evaluate(exp, state.params, state.expert_bias, data.heldout, eval_step,
-                                                      batch_sharding, exp.train.eval_batches)
+                    record["heldout_loss"] = evaluate(
+                        exp,
+                        state.params,
+                        state.expert_bias,
+                        data.heldout,
+                        eval_step,
+                        batch_sharding,
+                        exp.train.eval_batches,
+                    )
                 log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                                load=f"{record['load_max_over_mean']:.2f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    tok_s=f"{tokens_per_s:,.0f}",
+                    load=f"{record['load_max_over_mean']:.2f}",
+                )
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
             if (exp.checkpoint.every and step % exp.checkpoint.every == 0) or last:
@@ -200,8 +217,9 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
 
     heldout = None
     if data.heldout is not None:
-        heldout = evaluate(exp, state.params, state.expert_bias, data.heldout, eval_step, batch_sharding,
-                           exp.train.eval_batches)
+        heldout = evaluate(
+            exp, state.params, state.expert_bias, data.heldout, eval_step, batch_sharding, exp.train.eval_batches
+        )
     records = read_metrics(log.path) if is_main and log.path.exists() else []
     if is_main and records:
         plot_loss_curve(workdir, records, workdir / "loss_curve.png", reference=entropy)
@@ -219,7 +237,13 @@ def sample_text(exp: Experiment, state, tokenizer) -> str:
         variables = multihost_utils.process_allgather(variables, tiled=True)
     variables = jax.device_get(variables)
     max_new = min(exp.train.sample_tokens, exp.model.max_position_embeddings - len(prompt))
-    out = generate(exp.model.replace(moe_dispatch=exp.model.moe_dispatch), variables, [prompt],
-                   max_new_tokens=max_new, temperature=exp.train.sample_temperature,
-                   stop_tokens=[tokenizer.eos_id] if tokenizer.eos_id is not None else (), seed=exp.train.seed)
+    out = generate(
+        exp.model.replace(moe_dispatch=exp.model.moe_dispatch),
+        variables,
+        [prompt],
+        max_new_tokens=max_new,
+        temperature=exp.train.sample_temperature,
+        stop_tokens=[tokenizer.eos_id] if tokenizer.eos_id is not None else (),
+        seed=exp.train.seed,
+    )
     return exp.train.sample_prompt + tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist())

@@ -24,7 +24,8 @@ most important choice.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +107,7 @@ def merge_pytrees(trees: Sequence[Any], coefficients: Sequence[float]) -> Any:
                 )
             if jnp.result_type(leaf) != jnp.result_type(ref_leaf):
                 raise ValueError(
-                    f"leaf {path}: dtype {jnp.result_type(ref_leaf)} in tree 0 but "
-                    f"{jnp.result_type(leaf)} in tree {t}"
+                    f"leaf {path}: dtype {jnp.result_type(ref_leaf)} in tree 0 but {jnp.result_type(leaf)} in tree {t}"
                 )
 
     merged = []

@@ -48,7 +48,11 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
         optax.clip_by_global_norm(train.grad_clip),
         optax.adamw(
             wsm_schedule(train.learning_rate, train.warmup_steps),
-            b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay, mask=_decay_mask,
+            b1=train.b1,
+            b2=train.b2,
+            eps=train.eps,
+            weight_decay=train.weight_decay,
+            mask=_decay_mask,
         ),
     )
 

@@ -19,9 +19,9 @@ import optax
 from jax.sharding import NamedSharding
 
 from ling_jax.config import ModelConfig
-from ling_jax.layers.fp8 import FP8_STATS
 from ling_jax.loss import lm_loss
 from ling_jax.model import LingModel
+from ling_jax.ops.fp8 import FP8_STATS
 from ling_jax.sharding.rules import LOGICAL_AXIS_RULES, batch_spec, replicated
 from ling_jax.train.balance import counts_like_bias, load_metrics, update_expert_bias
 from ling_jax.train.config import TrainConfig
@@ -42,8 +42,14 @@ def _forward_loss(params, expert_bias, batch: Batch, model_cfg: ModelConfig, z_l
         out, sown = model.apply(variables, *args, mutable=[FP8_STATS])
         fp8_stats = jax.tree.map(lambda t: t[0], sown[FP8_STATS], is_leaf=lambda x: isinstance(x, tuple))
     token_mask = batch["segment_ids"] != 0
-    loss, metrics = lm_loss(out, batch["targets"], batch["loss_mask"], mtp_weight=model_cfg.mtp_loss_weight,
-                            z_loss_weight=z_loss_weight, token_mask_BT=token_mask)
+    loss, metrics = lm_loss(
+        out,
+        batch["targets"],
+        batch["loss_mask"],
+        mtp_weight=model_cfg.mtp_loss_weight,
+        z_loss_weight=z_loss_weight,
+        token_mask_BT=token_mask,
+    )
     if fp8_stats is not None:
         metrics["fp8_stats"] = fp8_stats
     return loss, (metrics, out.router, out.mtp_router)
@@ -57,8 +63,14 @@ def _optimizer_count(opt_state, default: jax.Array) -> jax.Array:
     return counts[0] if counts else default
 
 
-def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, Any]]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, Any]]:
     grad_fn = jax.value_and_grad(_forward_loss, has_aux=True)
     (loss, (metrics, router, mtp_router)), grads = grad_fn(
         state.params, state.expert_bias, batch, model_cfg, train_cfg.z_loss_weight
@@ -97,11 +109,11 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train
     metrics.update(
         grad_norm=grad_norm,
         learning_rate=wsm_schedule(train_cfg.learning_rate, train_cfg.warmup_steps)(
-            _optimizer_count(state.opt_state, state.step)),
+            _optimizer_count(state.opt_state, state.step)
+        ),
         finite=finite,
         expert_counts=counts_main,
-        moe_dropped=sum((jnp.sum(r.dropped) for r in (router, mtp_router) if r is not None),
-                        jnp.zeros((), jnp.int32)),
+        moe_dropped=sum((jnp.sum(r.dropped) for r in (router, mtp_router) if r is not None), jnp.zeros((), jnp.int32)),
         **load_metrics(counts_main if counts_main.shape[0] else jnp.ones((1, model_cfg.num_experts))),
     )
     return new_state, metrics
@@ -109,20 +121,30 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, train
 
 def eval_step(params, expert_bias, batch: Batch, *, model_cfg: ModelConfig) -> dict[str, jax.Array]:
     """Summed next-token CE and token count (MTP excluded), for held-out loss."""
-    out = LingModel(model_cfg).apply({"params": params, "expert_bias": expert_bias}, batch["inputs"],
-                                     batch["positions"], batch["segment_ids"], with_mtp=False)
+    out = LingModel(model_cfg).apply(
+        {"params": params, "expert_bias": expert_bias},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        with_mtp=False,
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return {"ce_sum": (ce * mask).sum(), "tokens": mask.sum()}
 
 
-def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer, mesh, state_shardings,
-                    rules=LOGICAL_AXIS_RULES):
+def make_train_step(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer, mesh, state_shardings, rules=LOGICAL_AXIS_RULES
+):
     """The train step jitted once: explicit in/out shardings, donated state."""
     batch_sharding = NamedSharding(mesh, batch_spec())
     step = functools.partial(train_step, model_cfg=model_cfg, train_cfg=train_cfg, optimizer=optimizer)
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
 
     def run(state, batch):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -134,9 +156,11 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer, m
 
 def make_eval_step(model_cfg: ModelConfig, mesh, state_shardings, rules=LOGICAL_AXIS_RULES):
     batch_sharding = NamedSharding(mesh, batch_spec())
-    jitted = jax.jit(functools.partial(eval_step, model_cfg=model_cfg),
-                     in_shardings=(state_shardings.params, state_shardings.expert_bias, batch_sharding),
-                     out_shardings=replicated(mesh))
+    jitted = jax.jit(
+        functools.partial(eval_step, model_cfg=model_cfg),
+        in_shardings=(state_shardings.params, state_shardings.expert_bias, batch_sharding),
+        out_shardings=replicated(mesh),
+    )
 
     def run(params, expert_bias, batch):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -21,13 +21,26 @@ PYTHON = sys.executable
 # 2 layers (1 dense + 1 MoE) + 1 MTP layer; 8 experts top-2 in 4 groups (keep 2), a shared expert,
 # GQA 4/2: every code path of the full model, at a size that compiles in seconds.
 SMALL_MODEL = dict(
-    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
-    num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, num_shared_experts=1,
-    moe_intermediate_size=16, first_k_dense_replace=1, num_mtp_layers=1, max_position_embeddings=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    num_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    num_shared_experts=1,
+    moe_intermediate_size=16,
+    first_k_dense_replace=1,
+    num_mtp_layers=1,
+    max_position_embeddings=64,
 )
 # peak_flops_per_device: a nominal MFU denominator, so runs skip measuring the matmul peak.
-SMALL_TRAIN = dict(batch_size=8, seq_len=32, warmup_steps=2, log_every=1, sample_tokens=8, eval_batches=2,
-                   peak_flops_per_device=1e11)
+SMALL_TRAIN = dict(
+    batch_size=8, seq_len=32, warmup_steps=2, log_every=1, sample_tokens=8, eval_batches=2, peak_flops_per_device=1e11
+)
 SMALL_DATA = dict(max_tokens=50_000)
 
 # XLA:CPU's LLVM backend at -O0 compiles 2-3x faster; HLO passes and float semantics are unchanged
@@ -64,8 +77,13 @@ def small_experiment(**sections):
 def config_flags(model=None, train=None, data=None, checkpoint=None, mesh=None) -> list[str]:
     """`--config.section.key=value` flags for `ling-jax train` giving `small_config(...)`."""
     flags = []
-    for section, base, changes in (("model", SMALL_MODEL, model), ("train", SMALL_TRAIN, train),
-                                   ("data", SMALL_DATA, data), ("checkpoint", {}, checkpoint), ("mesh", {}, mesh)):
+    for section, base, changes in (
+        ("model", SMALL_MODEL, model),
+        ("train", SMALL_TRAIN, train),
+        ("data", SMALL_DATA, data),
+        ("checkpoint", {}, checkpoint),
+        ("mesh", {}, mesh),
+    ):
         for key, value in {**base, **(changes or {})}.items():
             flags.append(f"--config.{section}.{key}={value}")
     return flags
@@ -96,16 +114,24 @@ def cli(*args: str) -> list[str]:
 
 def start_cli(*args: str, num_devices: int = 1, env: dict | None = None, program: list[str] | None = None):
     """Starts `ling-jax ARGS` (or `program ARGS`) in the background; see `finish_cli`."""
-    return subprocess.Popen((program or cli())[:] + list(args), env={**subprocess_env(num_devices), **(env or {})},
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        (program or cli())[:] + list(args),
+        env={**subprocess_env(num_devices), **(env or {})},
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_cli(proc: subprocess.Popen, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Waits for a `start_cli` process. With `check`, a non-zero exit fails showing both streams."""
     out, err = proc.communicate(timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, proc.args[2:4]))} exited {proc.returncode}\n--- stdout\n"
-                             f"{out[-4000:]}\n--- stderr\n{err[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, proc.args[2:4]))} exited {proc.returncode}\n--- stdout\n"
+            f"{out[-4000:]}\n--- stderr\n{err[-4000:]}"
+        )
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -130,9 +156,14 @@ def start_run_steps(spec: dict, num_devices: int = 1) -> subprocess.Popen:
     """Starts tests/multidevice/run_steps.py SPEC in the background (see `finish_run_steps`)."""
     import json
 
-    return subprocess.Popen([PYTHON, str(REPO_ROOT / "tests" / "multidevice" / "run_steps.py"), json.dumps(spec)],
-                            env=subprocess_env(num_devices), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [PYTHON, str(REPO_ROOT / "tests" / "multidevice" / "run_steps.py"), json.dumps(spec)],
+        env=subprocess_env(num_devices),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_run_steps(proc: subprocess.Popen, timeout: float = 1800) -> dict:

@@ -7,7 +7,8 @@ the Grain train iterator), and prints one JSON line (see `main`).
 
 Spec keys: steps, meshes (list of {axis: size}; unnamed axes are 1; a mesh may use fewer devices
 than exist), runs (optional list of {"name", "train": {...}, "reverse_rows": bool}: train-config
-variants, each trained on every mesh; reverse_rows feeds every batch with its rows reversed), specs_mesh (optional: also report the PartitionSpecs of every state leaf and of a batch
+variants, each trained on every mesh; reverse_rows feeds every batch with its rows reversed),
+specs_mesh (optional: also report the PartitionSpecs of every state leaf and of a batch
 on that mesh), model / train / data (config overrides on top of common.py's small config).
 """
 
@@ -62,8 +63,10 @@ def _bias_stats(expert_bias) -> dict:
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(expert_bias)):
         leaf = np.asarray(leaf, np.float64)
-        out[jax.tree_util.keystr(path)] = {"max_abs_mean": float(np.abs(leaf.mean(axis=-1)).max()),
-                                           "max_abs": float(np.abs(leaf).max())}
+        out[jax.tree_util.keystr(path)] = {
+            "max_abs_mean": float(np.abs(leaf.mean(axis=-1)).max()),
+            "max_abs": float(np.abs(leaf).max()),
+        }
     return out
 
 
@@ -97,8 +100,9 @@ def _train(exp, data, sizes: dict, steps: int, reverse_rows: bool = False) -> di
     for _ in range(steps):
         old_bias = np.asarray(jax.device_get(state.expert_bias["moe_stack"]["layers"]["moe"]["bias"]))
         batch = next(iterator)
-        state, metrics = train_step(state, _global_batch(_reversed_rows(batch) if reverse_rows else batch,
-                                                         batch_sharding))
+        state, metrics = train_step(
+            state, _global_batch(_reversed_rows(batch) if reverse_rows else batch, batch_sharding)
+        )
         out["loss"].append(float(metrics["loss"]))
         out["load_max_over_mean"].append(float(np.mean(metrics["load_max_over_mean"])))
         # The main stack's biases move by exactly the sign rule on this step's global counts.
@@ -122,12 +126,19 @@ def main(spec: dict) -> dict:
     from ling_jax.train.state import create_sharded_state, make_optimizer
 
     exp = small_experiment(model=spec.get("model"), train=spec.get("train"), data=spec.get("data"))
-    data = build_datasets(exp.data.source, exp.data.tokenizer, exp.train.seq_len, exp.data.heldout_fraction,
-                          exp.train.seed, exp.data.max_tokens or None)
+    data = build_datasets(
+        exp.data.source,
+        exp.data.tokenizer,
+        exp.train.seq_len,
+        exp.data.heldout_fraction,
+        exp.train.seed,
+        exp.data.max_tokens or None,
+    )
     result = {"devices": jax.device_count(), "runs": {}}
     for run in spec.get("runs", [{"name": ""}]):
-        run_exp = small_experiment(model=spec.get("model"), train={**spec.get("train", {}), **run.get("train", {})},
-                                   data=spec.get("data"))
+        run_exp = small_experiment(
+            model=spec.get("model"), train={**spec.get("train", {}), **run.get("train", {})}, data=spec.get("data")
+        )
         result["runs"][run["name"]] = {
             _mesh_name(_axes(sizes)): _train(run_exp, data, sizes, spec["steps"], run.get("reverse_rows", False))
             for sizes in spec.get("meshes", [])

@@ -19,7 +19,7 @@ training), which changes it by FP8 rounding.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -51,7 +51,8 @@ def per_row_shard(fn: Callable, rows: tuple, replicated: tuple = ()):
     row_spec = P(axes or None)
     out_shape = jax.eval_shape(fn, *rows, *replicated)
     return jax.shard_map(
-        fn, mesh=mesh,
+        fn,
+        mesh=mesh,
         in_specs=(*(row_spec for _ in rows), *(P() for _ in replicated)),
         out_specs=jax.tree.map(lambda _: row_spec, out_shape),
         check_vma=False,  # pallas_call outputs carry no varying-axes type (platform notes)

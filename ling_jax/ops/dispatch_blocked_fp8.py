@@ -1,4 +1,4 @@
-"""The blocked grouped-GEMM dispatch (ling_jax/layers/dispatch_blocked.py) with routed experts in FP8.
+"""The blocked grouped-GEMM dispatch (dispatch_blocked.py) with routed experts in FP8.
 
 Same layout, loop and cost structure as the high-precision path; every expert GEMM is a blockwise-
 scaled E4M3 GEMM with float32 scales and accumulation (the recipe of pallas_kernels/fp8_matmul, forward
@@ -20,7 +20,7 @@ computes (x_e @ [gate_e | up_e], then h_e @ down_e; tests/test_dispatch_fp8.py),
             GEMMs instead of four) rather than storing an [R, D] buffer.
 
 `impl` "xla" runs the scaled GEMMs in plain XLA (FP8 dot_general), "pallas" the FP8 matmul's Pallas
-kernel (see ling_jax.layers.fp8.scaled_gemm).
+kernel (see ling_jax.ops.fp8.scaled_gemm).
 """
 
 from __future__ import annotations
@@ -32,12 +32,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ling_jax.layers.dispatch_blocked import (
-    BlockLayout, _block_inputs, _row_weights, _silu_and_grad, _take_rows, _zeros,
+from ling_jax.ops.blocked_layout import (
+    BlockLayout,
+    block_inputs,
+    row_weights,
+    silu_and_grad,
+    take_rows,
+    zeros_varying,
 )
-from ling_jax.layers.fp8 import scaled_gemm
-from pallas_kernels.common import reduce_to_varying, varying_axes
+from ling_jax.ops.fp8 import scaled_gemm
 from pallas_kernels.fp8_matmul import QUANT_BLOCK, quantize_blocks, quantize_tiles
+from shard_typing import reduce_to_varying, varying_axes
 
 FP8_BLOCK_MULTIPLE = QUANT_BLOCK  # row blocks hold whole 128-row quantization tiles
 
@@ -109,18 +114,24 @@ def _fwd_scan(x_ND, row_weight_R, qw: _QuantizedExperts, layout: BlockLayout, st
         q, e, token_b, weight_b = inp
 
         def compute(y_ND):
-            gu_b2F = gemm(_take_rows(x_q, token_b), _take_rows(x_s, token_b), qw.gate_up_q[e], qw.gate_up_s[e],
-                          b_block_scales=True, out_dtype=jnp.float32)[:, : 2 * F].astype(x_ND.dtype)
+            gu_b2F = gemm(
+                take_rows(x_q, token_b),
+                take_rows(x_s, token_b),
+                qw.gate_up_q[e],
+                qw.gate_up_s[e],
+                b_block_scales=True,
+                out_dtype=jnp.float32,
+            )[:, : 2 * F].astype(x_ND.dtype)
             out_bD = _expert_out(gemm, _swiglu(gu_b2F), qw, e, D).astype(x_ND.dtype)
             y_ND = y_ND.at[token_b].add((out_bD * weight_b[:, None]).astype(y_ND.dtype), mode="drop")
             return y_ND, gu_b2F
 
         def skip(y_ND):
-            return y_ND, _zeros((b, 2 * F), x_ND.dtype, vma)
+            return y_ND, zeros_varying((b, 2 * F), x_ND.dtype, vma)
 
         return lax.cond(q < layout.num_used_blocks, compute, skip, y_ND)
 
-    y_ND, gu_Qb2F = lax.scan(block, _zeros(x_ND.shape, jnp.float32, vma), _block_inputs(layout, b, row_weight_R))
+    y_ND, gu_Qb2F = lax.scan(block, zeros_varying(x_ND.shape, jnp.float32, vma), block_inputs(layout, b, row_weight_R))
     return y_ND, gu_Qb2F.reshape(-1, 2 * F)
 
 
@@ -137,42 +148,42 @@ def _bwd_scan(x_ND, dy_ND, row_weight_R, qw: _QuantizedExperts, layout: BlockLay
 
         def compute(carry):
             dx_ND, dgate_up_ED2F, ddown_EFD = carry
-            x_bD = _take_rows(x_ND, token_b).astype(f32)
-            dy_bD = _take_rows(dy_ND, token_b).astype(f32)
+            x_bD = take_rows(x_ND, token_b).astype(f32)
+            dy_bD = take_rows(dy_ND, token_b).astype(f32)
             h_bF = _swiglu(gu_b2F)  # x's dtype, exactly as the forward computed it
             out_bD = _expert_out(gemm, h_bF, qw, e, D).astype(x_ND.dtype).astype(f32)
             h_bF = h_bF.astype(f32)
             g_bF, u_bF = jnp.split(gu_b2F.astype(f32), 2, axis=1)
-            a_bF, dsilu_bF = _silu_and_grad(g_bF)
+            a_bF, dsilu_bF = silu_and_grad(g_bF)
             dweight_b = jnp.sum(out_bD * dy_bD, axis=1)
             dout_bD = dy_bD * weight_b.astype(f32)[:, None]
             dout_q, dout_s = quantize_tiles(dout_bD)
             dh_bF = gemm(dout_q, dout_s, qw.down_q[e].T, qw.down_s[e].T, b_block_scales=True, out_dtype=f32)[:, :F]
-            ddown_EFD = ddown_EFD.at[e].add(gemm(*_rows_t(h_bF), *_cols(dout_bD), b_block_scales=False,
-                                                 out_dtype=f32))
+            ddown_EFD = ddown_EFD.at[e].add(gemm(*_rows_t(h_bF), *_cols(dout_bD), b_block_scales=False, out_dtype=f32))
             dgu_b2F = jnp.concatenate([dh_bF * u_bF * dsilu_bF, dh_bF * a_bF], axis=1)
-            dgate_up_ED2F = dgate_up_ED2F.at[e].add(gemm(*_rows_t(x_bD), *_cols(dgu_b2F), b_block_scales=False,
-                                                         out_dtype=f32))
+            dgate_up_ED2F = dgate_up_ED2F.at[e].add(
+                gemm(*_rows_t(x_bD), *_cols(dgu_b2F), b_block_scales=False, out_dtype=f32)
+            )
             dgu_q, dgu_s = quantize_tiles(dgu_b2F)
-            dx_bD = gemm(dgu_q, dgu_s, qw.gate_up_q[e].T, qw.gate_up_s[e].T, b_block_scales=True,
-                         out_dtype=f32)[:, :D]
+            dx_bD = gemm(dgu_q, dgu_s, qw.gate_up_q[e].T, qw.gate_up_s[e].T, b_block_scales=True, out_dtype=f32)[:, :D]
             dx_ND = dx_ND.at[token_b].add(dx_bD, mode="drop")
             return (dx_ND, dgate_up_ED2F, ddown_EFD), dweight_b
 
         def skip(carry):
-            return carry, _zeros((b,), f32, vma)
+            return carry, zeros_varying((b,), f32, vma)
 
         return lax.cond(q < layout.num_used_blocks, compute, skip, carry)
 
-    carry0 = tuple(_zeros(shape, f32, vma) for shape in ((N, D), (E, D, 2 * F), (E, F, D)))
+    carry0 = tuple(zeros_varying(shape, f32, vma) for shape in ((N, D), (E, D, 2 * F), (E, F, D)))
     (dx_ND, dgate_up_ED2F, ddown_EFD), dweight_Qb = lax.scan(
-        block, carry0, _block_inputs(layout, b, row_weight_R, gu_R2F)
+        block, carry0, block_inputs(layout, b, row_weight_R, gu_R2F)
     )
     return dx_ND, dweight_Qb.reshape(-1), dgate_up_ED2F, ddown_EFD
 
 
-def blocked_moe_fp8(x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout: BlockLayout, *, block_size: int,
-                    impl: str) -> jax.Array:
+def blocked_moe_fp8(
+    x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout: BlockLayout, *, block_size: int, impl: str
+) -> jax.Array:
     """y [N, D] in x's dtype: the blocked routed experts (`layout` built with `block_size`, a multiple of
     128) with every GEMM in blockwise FP8, `impl` "xla" or "pallas"."""
     if block_size % FP8_BLOCK_MULTIPLE:
@@ -187,7 +198,7 @@ def _blocked_moe_fp8(x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout: Block
 
 def _fwd(x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD, layout, static: _Static):
     qw = _quantize_experts(gate_EDF, up_EDF, down_EFD)
-    row_weight_R = _row_weights(weights_Nk, layout, x_ND.dtype)
+    row_weight_R = row_weights(weights_Nk, layout, x_ND.dtype)
     y_ND, gu_R2F = _fwd_scan(x_ND, row_weight_R, qw, layout, static, gate_EDF.shape[2])
     # gate / up / down are kept only for their dtypes and varying mesh axes (they are live params anyway).
     return y_ND.astype(x_ND.dtype), (x_ND, weights_Nk, (gate_EDF, up_EDF, down_EFD), qw, layout, gu_R2F)
@@ -197,14 +208,18 @@ def _bwd(static: _Static, residuals, dy_ND):
     x_ND, weights_Nk, (gate_EDF, up_EDF, down_EFD), qw, layout, gu_R2F = residuals
     N, k = weights_Nk.shape
     F = gate_EDF.shape[2]
-    row_weight_R = _row_weights(weights_Nk, layout, x_ND.dtype)
+    row_weight_R = row_weights(weights_Nk, layout, x_ND.dtype)
     dx_ND, dweight_R, dgate_up_ED2F, ddown_EFD = _bwd_scan(
         x_ND, dy_ND.astype(x_ND.dtype), row_weight_R, qw, layout, static, gu_R2F
     )
-    dweights_Nk = _take_rows(dweight_R, layout.pos_M).reshape(N, k)
-    cts = (dx_ND.astype(x_ND.dtype), dweights_Nk.astype(weights_Nk.dtype),
-           dgate_up_ED2F[:, :, :F].astype(gate_EDF.dtype), dgate_up_ED2F[:, :, F:].astype(up_EDF.dtype),
-           ddown_EFD.astype(down_EFD.dtype))
+    dweights_Nk = take_rows(dweight_R, layout.pos_M).reshape(N, k)
+    cts = (
+        dx_ND.astype(x_ND.dtype),
+        dweights_Nk.astype(weights_Nk.dtype),
+        dgate_up_ED2F[:, :, :F].astype(gate_EDF.dtype),
+        dgate_up_ED2F[:, :, F:].astype(up_EDF.dtype),
+        ddown_EFD.astype(down_EFD.dtype),
+    )
     primals = (x_ND, weights_Nk, gate_EDF, up_EDF, down_EFD)
     return (*(reduce_to_varying(ct, p) for ct, p in zip(cts, primals)), None)
 

@@ -61,14 +61,15 @@ weights, so shard_map sums x's partial gradients over it) and the local dispatch
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from ling_jax.layers.dispatch import ExpertWeights, dispatch
+from ling_jax.ops.dispatch import ExpertWeights, dispatch
 from ling_jax.sharding.rules import BATCH_AXES
 
 _NATIVE_EMPTY_SLOTS = ("blocked", "dense")  # local impls that treat an out-of-range id as "no expert"
@@ -91,8 +92,9 @@ def send_capacity(tokens_per_device: int, top_k: int, num_shards: int, capacity_
     return max(1, min(tokens_per_device, math.ceil(capacity_factor * tokens_per_device * top_k / num_shards)))
 
 
-def receive_capacity(tokens_per_device: int, top_k: int, num_shards: int, capacity_factor: float | None,
-                     send_rows: int, slots: int) -> int:
+def receive_capacity(
+    tokens_per_device: int, top_k: int, num_shards: int, capacity_factor: float | None, send_rows: int, slots: int
+) -> int:
     """Assignments A the local dispatch runs per device: every received slot, P * C * kl (dropless), or
     min(that, P * ceil(cf * n * k / P))."""
     received = num_shards * send_rows * slots
@@ -136,9 +138,7 @@ def _pack(x_nD, ids_nk, weights_nk, *, num_shards: int, experts_per_shard: int, 
     # Row (p, c) <- token: an int scatter of n * P entries; unkept pairs land out of range and drop.
     token_n = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, P))
     shard_P = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None, :], (n, P))
-    row_token_PC = (
-        jnp.full((P, C), n, jnp.int32).at[shard_P, jnp.where(kept_nP, slot_nP, C)].set(token_n, mode="drop")
-    )
+    row_token_PC = jnp.full((P, C), n, jnp.int32).at[shard_P, jnp.where(kept_nP, slot_nP, C)].set(token_n, mode="drop")
     row_valid_PC = row_token_PC < n
     x_PCD = x_nD.at[row_token_PC].get(mode="fill", fill_value=0)
     ids_PCk = ids_nk.at[row_token_PC].get(mode="fill", fill_value=-1)
@@ -155,8 +155,9 @@ def _pack(x_nD, ids_nk, weights_nk, *, num_shards: int, experts_per_shard: int, 
     return x_PCD, local_PCk, weights_PCk, row_token_PC, dropped
 
 
-def _local_dispatch(x_MD, ids_Mk, weights_Mk, experts: ExpertWeights, impl: str, block_size: int | None,
-                    fp8_impl: str | None = None):
+def _local_dispatch(
+    x_MD, ids_Mk, weights_Mk, experts: ExpertWeights, impl: str, block_size: int | None, fp8_impl: str | None = None
+):
     if impl not in _NATIVE_EMPTY_SLOTS:  # route empty slots to expert 0 with weight 0 (exact, wasteful)
         empty_Mk = ids_Mk < 0
         ids_Mk = jnp.where(empty_Mk, 0, ids_Mk)
@@ -287,21 +288,39 @@ def per_shard_dispatch(
     model = model_axis if use_model else None
     if expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
         return expert_parallel_dispatch_with_stats(
-            x_ND, ids_Nk, weights_Nk, experts, mesh=mesh, expert_axis=expert_axis, token_axes=tok_axes,
-            local_impl=impl, block_size=block_size, capacity_factor=capacity_factor, model_axis=model,
+            x_ND,
+            ids_Nk,
+            weights_Nk,
+            experts,
+            mesh=mesh,
+            expert_axis=expert_axis,
+            token_axes=tok_axes,
+            local_impl=impl,
+            block_size=block_size,
+            capacity_factor=capacity_factor,
+            model_axis=model,
             fp8_impl=fp8_impl,
         )
     _check_token_split(ids_Nk.shape[0], token_shards(mesh, tok_axes), tok_axes)
 
     def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
-        y_nD = dispatch(x_nD, ids_nk, weights_nk, ExpertWeights(gate_EDF, up_EDF, down_EFD), impl=impl,
-                        block_size=block_size, fp8_impl=fp8_impl)
+        y_nD = dispatch(
+            x_nD,
+            ids_nk,
+            weights_nk,
+            ExpertWeights(gate_EDF, up_EDF, down_EFD),
+            impl=impl,
+            block_size=block_size,
+            fp8_impl=fp8_impl,
+        )
         return lax.psum(y_nD, model) if model is not None else y_nD
 
     token_spec = PartitionSpec(tok_axes, None)
     in_EDF, out_EFD = PartitionSpec(None, None, model), PartitionSpec(None, model, None)
     y_ND = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, in_EDF, in_EDF, out_EFD),
+        per_device,
+        mesh=mesh,
+        in_specs=(token_spec, token_spec, token_spec, in_EDF, in_EDF, out_EFD),
         out_specs=token_spec,
     )(x_ND, ids_Nk, weights_Nk, *experts)
     return ExpertParallelOutput(y_ND, jnp.zeros((), jnp.int32))

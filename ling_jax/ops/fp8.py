@@ -5,7 +5,7 @@ monitors: the fraction of non-zero values that underflow to zero, and the cosine
 tensor with its quantize-dequantize round trip.
 
 With impl="pallas" the kernels compile for the platform of the mesh the step is traced under and run
-per batch shard under a multi-device mesh (ling_jax/layers/pallas_target.py)."""
+per batch shard under a multi-device mesh (ling_jax/ops/pallas_target.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ling_jax.layers.pallas_target import kernel_platform, pallas_interpret, per_row_shard
+from ling_jax.ops.pallas_target import kernel_platform, pallas_interpret, per_row_shard
 from pallas_kernels.fp8_matmul import Fp8MatmulConfig, blockwise_fp8_matmul, quantize_blocks, quantize_tiles
 from pallas_kernels.fp8_matmul import ops as fp8_ops
 from pallas_kernels.fp8_matmul import reference as fp8_reference
@@ -59,8 +59,9 @@ def check_projection_equation(equation: str, x_ndim: int, kernel_ndim: int, cont
     lhs, out = equation.replace(" ", "").split("->")
     x_axes, k_axes = lhs.split(",")
     ok = (
-        len(x_axes) == x_ndim and len(k_axes) == kernel_ndim
-        and x_axes[x_ndim - contract:] == k_axes[:contract]
+        len(x_axes) == x_ndim
+        and len(k_axes) == kernel_ndim
+        and x_axes[x_ndim - contract :] == k_axes[:contract]
         and out == x_axes[: x_ndim - contract] + k_axes[contract:]
     )
     if not ok:

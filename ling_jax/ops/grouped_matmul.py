@@ -16,7 +16,6 @@ that sum to M.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -42,7 +41,8 @@ def mgpu_supported(lhs_MK: jax.Array, rhs_GKN: jax.Array) -> bool:
         is_hopper()
         and lhs_MK.dtype == rhs_GKN.dtype
         and lhs_MK.dtype in MGPU_DTYPES
-        and K % t["block_k"] == 0 and K % t["block_m"] == 0  # K is the drhs kernel's M
+        and K % t["block_k"] == 0
+        and K % t["block_m"] == 0  # K is the drhs kernel's M
         and N % t["block_n"] == 0
     )
 
@@ -50,8 +50,9 @@ def mgpu_supported(lhs_MK: jax.Array, rhs_GKN: jax.Array) -> bool:
 def _mgpu_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, *, transpose_rhs: bool):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # GPU-only import (Mosaic GPU)
 
-    return ragged_dot_mgpu.ragged_dot(lhs_MK, rhs_GKN, group_sizes=group_sizes_G, transpose_rhs=transpose_rhs,
-                                      **MGPU_TILES)
+    return ragged_dot_mgpu.ragged_dot(
+        lhs_MK, rhs_GKN, group_sizes=group_sizes_G, transpose_rhs=transpose_rhs, **MGPU_TILES
+    )
 
 
 def _mgpu_transposed_ragged_dot(lhs_MK, dout_MN, group_sizes_G):

@@ -13,7 +13,7 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
 - "blocked": expert-sorted rows padded per expert to a multiple of a block size b, then a grouped GEMM
   over fixed-size row blocks (a `lax.scan` that indexes each block's expert weights) with a hand-written
   VJP. Useful FLOPs plus at most E*(b-1) padding rows, static shapes, dropless; the pure-JAX CPU path.
-  Layout, cost model and measurements: ling_jax/layers/dispatch_blocked.py.
+  Layout, cost model and measurements: ling_jax/ops/dispatch_blocked.py.
 - "cpu_kernel": one XLA FFI call into a compiled kernel (cpu_kernels/moe_experts.cc, built by setup.py
   where a C++ compiler is found): assignments grouped by expert with a counting sort, each expert's exact
   rows multiplied by its weights in place with OpenBLAS sgemm, experts spread over OpenMP threads; a
@@ -24,7 +24,7 @@ assignment" for "dense", "blocked" and "cpu_kernel" (expert parallelism relies o
 valid ids.
 
 These functions see whatever tokens they are given. Under a mesh the MoE layer calls them per shard
-(`per_shard_dispatch` in ling_jax/layers/expert_parallel.py, inside `jax.shard_map`), so the
+(`per_shard_dispatch` in ling_jax/ops/expert_parallel.py, inside `jax.shard_map`), so the
 "ragged" / "blocked" expert sort covers one device's tokens; called on global arrays under GSPMD, that
 sort is over the whole batch and is not partitioned.
 """
@@ -39,9 +39,9 @@ import jax.numpy as jnp
 
 from cpu_kernels.moe_experts import available as moe_experts_available
 from cpu_kernels.moe_experts import moe_experts
-from ling_jax.layers.dispatch_blocked import auto_block_size, dispatch_blocked
-from ling_jax.layers.expert_sort import sort_order
-from ling_jax.layers.grouped_matmul import grouped_matmul, is_hopper
+from ling_jax.ops.dispatch_blocked import auto_block_size, dispatch_blocked
+from ling_jax.ops.expert_sort import sort_order
+from ling_jax.ops.grouped_matmul import grouped_matmul, is_hopper
 
 
 class ExpertWeights(NamedTuple):
@@ -58,9 +58,7 @@ def _swiglu(h_gate, h_up):
 
 def dispatch_dense(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Array:
     E = experts.gate_EDF.shape[0]
-    h_NEF = _swiglu(
-        jnp.einsum("ND,EDF->NEF", x_ND, experts.gate_EDF), jnp.einsum("ND,EDF->NEF", x_ND, experts.up_EDF)
-    )
+    h_NEF = _swiglu(jnp.einsum("ND,EDF->NEF", x_ND, experts.gate_EDF), jnp.einsum("ND,EDF->NEF", x_ND, experts.up_EDF))
     out_NED = jnp.einsum("NEF,EFD->NED", h_NEF, experts.down_EFD)
     combine_NE = jnp.einsum("NkE,Nk->NE", jax.nn.one_hot(ids_Nk, E, dtype=jnp.float32), weights_Nk)
     return jnp.einsum("NE,NED->ND", combine_NE.astype(out_NED.dtype), out_NED)
@@ -99,8 +97,12 @@ def dispatch_cpu_kernel(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax
     return y_ND.astype(x_ND.dtype)
 
 
-DISPATCHERS = {"dense": dispatch_dense, "ragged": dispatch_ragged, "blocked": dispatch_blocked,
-               "cpu_kernel": dispatch_cpu_kernel}
+DISPATCHERS = {
+    "dense": dispatch_dense,
+    "ragged": dispatch_ragged,
+    "blocked": dispatch_blocked,
+    "cpu_kernel": dispatch_cpu_kernel,
+}
 _TAKES_BLOCK_SIZE = ("blocked",)
 
 
@@ -130,7 +132,13 @@ def default_dispatch(platform: str) -> str:
 
 
 def dispatch(
-    x_ND, ids_Nk, weights_Nk, experts: ExpertWeights, *, impl: str, block_size: int | None = None,
+    x_ND,
+    ids_Nk,
+    weights_Nk,
+    experts: ExpertWeights,
+    *,
+    impl: str,
+    block_size: int | None = None,
     fp8_impl: str | None = None,
 ) -> jax.Array:
     """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) with implementation `impl`.
@@ -155,11 +163,22 @@ _warned_no_fp8: set[str] = set()
 def _warn_no_fp8_once(impl: str) -> None:
     if impl not in _warned_no_fp8:
         _warned_no_fp8.add(impl)
-        warnings.warn(f"moe_dispatch {impl!r} has no FP8 path: the routed experts run in the compute dtype "
-                      f"(use moe_dispatch='blocked' for FP8 routed experts)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"moe_dispatch {impl!r} has no FP8 path: the routed experts run in the compute dtype "
+            f"(use moe_dispatch='blocked' for FP8 routed experts)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 __all__ = [
-    "DISPATCHERS", "auto_block_size", "ExpertWeights", "default_dispatch", "dispatch",
-    "dispatch_blocked", "dispatch_cpu_kernel", "dispatch_dense", "dispatch_ragged",
+    "DISPATCHERS",
+    "auto_block_size",
+    "ExpertWeights",
+    "default_dispatch",
+    "dispatch",
+    "dispatch_blocked",
+    "dispatch_cpu_kernel",
+    "dispatch_dense",
+    "dispatch_ragged",
 ]

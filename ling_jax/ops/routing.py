@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ling_jax.layers.pallas_target import pallas_interpret, per_row_shard
+from ling_jax.ops.pallas_target import pallas_interpret, per_row_shard
 from pallas_kernels.topk_router import RouterKernelConfig, sigmoid_topk_route
 
 
@@ -29,14 +29,21 @@ def route(
 
     `impl` (a model's `router_impl`): "xla" the lax.top_k reference, "pallas" the max-and-mask kernel,
     compiled for a TPU target and interpreted on a CPU one, per batch shard under a multi-device mesh
-    (ling_jax/layers/pallas_target.py). Both select the same experts (ties to the lowest
+    (ling_jax/ops/pallas_target.py). Both select the same experts (ties to the lowest
     index) and give the same weights and gradients.
     """
+
     def op(logits_NE, expert_bias_E):
         config = RouterKernelConfig(interpret=pallas_interpret()) if impl == "pallas" else None
         return sigmoid_topk_route(
-            logits_NE, expert_bias_E, top_k=top_k, n_group=n_group, topk_group=topk_group,
-            routed_scaling_factor=routed_scaling_factor, impl=impl, config=config,
+            logits_NE,
+            expert_bias_E,
+            top_k=top_k,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+            impl=impl,
+            config=config,
         )
 
     if impl == "pallas":  # a Mosaic kernel runs per batch shard (GSPMD cannot partition it)

@@ -49,8 +49,9 @@ def _attend(q_BTKGd, k_BSKd, v_BSKd, mask_BTS, scale: float) -> jax.Array:
     max_BKTG1 = jax.lax.stop_gradient(jnp.max(scores_BKTGS, axis=-1, keepdims=True))
     p_BKTGS = jnp.exp((scores_BKTGS - max_BKTG1) * scale)
     sum_BKTG1 = jnp.sum(p_BKTGS, axis=-1, keepdims=True)
-    out_BKTGd = jnp.einsum("BKTGS,BSKd->BKTGd", p_BKTGS.astype(v_BSKd.dtype), v_BSKd,
-                           preferred_element_type=jnp.float32)
+    out_BKTGd = jnp.einsum(
+        "BKTGS,BSKd->BKTGd", p_BKTGS.astype(v_BSKd.dtype), v_BSKd, preferred_element_type=jnp.float32
+    )
     return (out_BKTGd / sum_BKTG1).astype(q_BTKGd.dtype).transpose(0, 2, 1, 3, 4)
 
 
@@ -72,7 +73,14 @@ def dot_product_attention(q_BTHd, k_BSKd, v_BSKd, mask_BTS, *, query_chunks: int
     outs = []
     for i in range(query_chunks):
         Sc = S if query_chunks == 1 else (i + 1) * Tc
-        outs.append(_attend(q_BTKGd[:, i * Tc:(i + 1) * Tc], k_BSKd[:, :Sc], v_BSKd[:, :Sc],
-                            mask_BTS[:, i * Tc:(i + 1) * Tc, :Sc], scale))
+        outs.append(
+            _attend(
+                q_BTKGd[:, i * Tc : (i + 1) * Tc],
+                k_BSKd[:, :Sc],
+                v_BSKd[:, :Sc],
+                mask_BTS[:, i * Tc : (i + 1) * Tc, :Sc],
+                scale,
+            )
+        )
     out_BTKGd = outs[0] if query_chunks == 1 else jnp.concatenate(outs, axis=1)
     return out_BTKGd.reshape(B, T, H, d)
