@@ -6,6 +6,8 @@ Shapes:
   bench  4 layers (1 dense + 3 MoE), hidden 256, 8/2 heads x 32, 32 experts top-4 in 4 groups keep 2,
          expert width 128, 1 shared, dense width 512, vocab 512, MTP 1 layer; batch 8 x 256. Layers
          unrolled (scan_layers=False: 13% faster than nn.scan here, measured paired on the 2-core CPU).
+  bench_ref  the bench shape without the MTP layer: exactly the model that ../shared/tools/reference-bench
+         times for the official PyTorch reference (AdamW, no MTP, batch 8 x 256, float32, 2 threads).
   h200   4 layers (1 dense + 3 MoE), hidden 2048, 16/4 heads x 128, 64 experts top-8 in 8 groups keep 4,
          expert width 512, 1 shared, dense width 5632, vocab 32768, MTP 1; batch 8 x 2048 (16K tokens):
          a shape that fills one H200; run it with --dtype bfloat16 --peak-size 8192.
@@ -20,10 +22,15 @@ individually timed steps (each waits for its loss). MFU = model FLOPs per token
 (matmul peak x devices), the peak measured in the same run with `measure_matmul_peak` (--dtype, --peak-size),
 before and after the steps (the higher of the two is used).
 
-    JAX_PLATFORMS=cpu python benchmarks/train_step.py                         # both shapes
+    JAX_PLATFORMS=cpu python benchmarks/train_step.py                         # tiny, bench, bench_ref
     JAX_PLATFORMS=cpu python benchmarks/train_step.py --shapes bench --moe_dispatch blocked --remat full
 
-Prints a table, then one JSON line: {"peak_gflops": ..., "results": [{"shape", "tokens_per_s", "mfu", ...}]}.
+Against the official reference: where ../shared/tools/reference-bench exists (or with --reference on), the
+reference's train step and ours on `bench_ref` are timed in alternating rounds (--reference-rounds, each
+round runs the reference's own 7 timed steps and our --steps), on this machine, in this run; the ratio is
+ours / reference tokens/s per round, and its median is reported as `vs_reference`.
+
+Prints a table, then one JSON line: {"peak_gflops": ..., "results": [...], "reference": {...}, "vs_reference": ...}.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ling_jax.platform import huge_pages_in_effect, reexec_with_huge_pages  # noqa: E402
@@ -132,6 +141,15 @@ SHAPES = {
 }
 
 
+SHAPES["bench_ref"] = dict(
+    model={**SHAPES["bench"]["model"], "num_mtp_layers": 0},
+    batch_size=SHAPES["bench"]["batch_size"],
+    seq_len=SHAPES["bench"]["seq_len"],
+)
+REFERENCE_SHAPE = "bench_ref"
+REFERENCE_BENCH = Path(__file__).resolve().parents[2] / "shared" / "tools" / "reference-bench"
+
+
 def experiment(shape: str, moe_dispatch: str | None, remat: str, dtype: str = "float32") -> Experiment:
     spec = SHAPES[shape]
     config = base_config()
@@ -162,50 +180,77 @@ def random_batches(exp: Experiment, count: int, seed: int = 0) -> list[dict[str,
     return batches
 
 
-def bench(
-    shape: str, moe_dispatch: str | None, remat: str, steps: int, warmup: int, peak: float, dtype: str = "float32"
-) -> dict:
-    exp = experiment(shape, moe_dispatch, remat, dtype)
-    mesh = build_mesh(exp.mesh.axes)
-    optimizer = make_optimizer(exp.train)
-    state, shardings = create_sharded_state(exp.model, optimizer, mesh, seed=0)
-    train_step = make_train_step(exp.model, exp.train, optimizer, mesh, shardings)
-    sharding = NamedSharding(mesh, batch_spec())
-    batches = [{k: jax.device_put(v, sharding) for k, v in b.items()} for b in random_batches(exp, 4)]
+class StepRunner:
+    """The compiled train step of one shape, built and warmed up once, then timed in as many rounds as
+    asked (so that rounds can alternate with the reference's)."""
 
-    start = time.perf_counter()
-    for i in range(warmup):
-        state, metrics = train_step(state, batches[i % len(batches)])
-        jax.block_until_ready(metrics["loss"])
-    warmup_s = time.perf_counter() - start
-    times, losses = [], []
-    for i in range(steps):
+    def __init__(self, shape: str, moe_dispatch: str | None, remat: str, warmup: int, dtype: str = "float32"):
+        self.shape, self.remat, self.dtype = shape, remat, dtype
+        self.exp = exp = experiment(shape, moe_dispatch, remat, dtype)
+        mesh = build_mesh(exp.mesh.axes)
+        optimizer = make_optimizer(exp.train)
+        self.state, shardings = create_sharded_state(exp.model, optimizer, mesh, seed=0)
+        self.train_step = make_train_step(exp.model, exp.train, optimizer, mesh, shardings)
+        sharding = NamedSharding(mesh, batch_spec())
+        self.batches = [{k: jax.device_put(v, sharding) for k, v in b.items()} for b in random_batches(exp, 4)]
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.steps_run = 0
         start = time.perf_counter()
-        state, metrics = train_step(state, batches[i % len(batches)])
-        losses.append(float(metrics["loss"]))  # waits for the step
-        times.append(time.perf_counter() - start)
-    assert all(np.isfinite(losses)), losses
-    step_s = statistics.median(times)
-    tokens = exp.train.batch_size * exp.train.seq_len
-    flops_per_token = model_flops_per_token(exp.model, exp.train.seq_len)
-    tokens_per_s = tokens / step_s
-    dispatch = exp.model.moe_dispatch
-    if dispatch == "auto":
-        dispatch = f"auto={default_dispatch(jax.default_backend())}"
-    return {
-        "shape": shape,
-        "moe_dispatch": dispatch,
-        "remat": remat,
-        "dtype": dtype,
-        "batch": f"{exp.train.batch_size}x{exp.train.seq_len}",
-        "step_ms": 1e3 * step_s,
-        "step_ms_min": 1e3 * min(times),
-        "tokens_per_s": tokens_per_s,
-        "gflops_per_token": flops_per_token / 1e9,
-        "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()),
-        "warmup_s": warmup_s,
-        "final_loss": losses[-1],
-    }
+        self._run(warmup, timed=False)
+        self.warmup_s = time.perf_counter() - start
+
+    def _run(self, steps: int, timed: bool) -> list[float]:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.state, metrics = self.train_step(self.state, self.batches[self.steps_run % len(self.batches)])
+            loss = float(metrics["loss"])  # waits for the step
+            times.append(time.perf_counter() - start)
+            self.steps_run += 1
+            if timed:
+                self.losses.append(loss)
+        return times
+
+    def time_steps(self, steps: int) -> float:
+        """Times `steps` more steps; returns their median seconds."""
+        times = self._run(steps, timed=True)
+        self.times += times
+        return statistics.median(times)
+
+    def row(self, peak: float) -> dict:
+        assert all(np.isfinite(self.losses)), self.losses
+        exp = self.exp
+        step_s = statistics.median(self.times)
+        tokens = exp.train.batch_size * exp.train.seq_len
+        flops_per_token = model_flops_per_token(exp.model, exp.train.seq_len)
+        tokens_per_s = tokens / step_s
+        dispatch = exp.model.moe_dispatch
+        if dispatch == "auto":
+            dispatch = f"auto={default_dispatch(jax.default_backend())}"
+        return {
+            "shape": self.shape,
+            "moe_dispatch": dispatch,
+            "remat": self.remat,
+            "dtype": self.dtype,
+            "batch": f"{exp.train.batch_size}x{exp.train.seq_len}",
+            "step_ms": 1e3 * step_s,
+            "step_ms_min": 1e3 * min(self.times),
+            "tokens_per_s": tokens_per_s,
+            "gflops_per_token": flops_per_token / 1e9,
+            "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()),
+            "warmup_s": self.warmup_s,
+            "final_loss": self.losses[-1],
+        }
+
+
+def run_reference() -> dict:
+    """One run of ../shared/tools/reference-bench train: the official PyTorch reference's train step on the
+    bench_ref model, timed on this machine (its median of 7 steps). Returns its JSON line."""
+    proc = subprocess.run([str(REFERENCE_BENCH), "train"], capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{REFERENCE_BENCH} train failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict]) -> None:
@@ -237,7 +282,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="tiny,bench", help="comma-separated: " + ",".join(SHAPES))
+    p.add_argument("--shapes", default="tiny,bench,bench_ref", help="comma-separated: " + ",".join(SHAPES))
     p.add_argument(
         "--moe_dispatch",
         default=None,
@@ -249,9 +294,27 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="activation dtype")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size of the peak measurement")
+    p.add_argument(
+        "--reference",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="time the official reference (../shared/tools/reference-bench) in the same run; auto: where it exists",
+    )
+    p.add_argument("--reference-rounds", type=int, default=3, help="alternating reference / ours rounds")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.reference_rounds < 1:
+        p.error("--reference-rounds must be >= 1")
+    shapes = args.shapes.split(",")
+    unknown = [sh for sh in shapes if sh not in SHAPES]
+    if unknown:
+        p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    with_reference = args.reference == "on" or (args.reference == "auto" and REFERENCE_BENCH.exists())
+    if args.reference == "on" and not REFERENCE_BENCH.exists():
+        p.error(f"--reference on: {REFERENCE_BENCH} not found")
+    if with_reference and REFERENCE_SHAPE not in shapes:
+        shapes.append(REFERENCE_SHAPE)
 
     # The peak is measured before and after the steps and the higher one is used: on a shared machine
     # other processes can only lower a measurement, so the max is the better estimate (and the MFU
@@ -265,10 +328,26 @@ def main(argv=None) -> None:
         f"{peak_start / 1e9:.1f} GFLOP/s per device; load average {load_start:.2f}",
         flush=True,
     )
-    rows = [
-        bench(s, args.moe_dispatch, args.remat, args.steps, args.warmup, peak_start, args.dtype)
-        for s in args.shapes.split(",")
-    ]
+    runners = [StepRunner(sh, args.moe_dispatch, args.remat, args.warmup, args.dtype) for sh in shapes]
+    reference_runs, round_ratios = [], []
+    for runner in runners:
+        if with_reference and runner.shape == REFERENCE_SHAPE:
+            # Alternate: a burst of background load then hits both sides instead of biasing one.
+            tokens = runner.exp.train.batch_size * runner.exp.train.seq_len
+            for r in range(args.reference_rounds):
+                ref = run_reference()
+                ours_s = runner.time_steps(args.steps)
+                reference_runs.append(ref)
+                round_ratios.append((tokens / ours_s) / ref["train_bench_tokens_per_s"])
+                print(
+                    f"round {r + 1}: reference {ref['train_bench_tokens_per_s']:,.0f} tokens/s "
+                    f"({ref['train_bench_step_ms']:.1f} ms), ours {tokens / ours_s:,.0f} tokens/s "
+                    f"({1e3 * ours_s:.1f} ms): {round_ratios[-1]:.3f}x",
+                    flush=True,
+                )
+        else:
+            runner.time_steps(args.steps)
+    rows = [runner.row(peak_start) for runner in runners]
     peak_end = measure_matmul_peak(peak_dtype, args.peak_size)
     peak = max(peak_start, peak_end)
     for row in rows:
@@ -278,6 +357,22 @@ def main(argv=None) -> None:
         f"{os.getloadavg()[0]:.2f}"
     )
     print_table(rows)
+    reference = None
+    if round_ratios:
+        ref_tokens = [r["train_bench_tokens_per_s"] for r in reference_runs]
+        reference = {
+            "torch": reference_runs[0].get("torch"),
+            "threads": reference_runs[0].get("threads"),
+            "rounds": len(round_ratios),
+            "tokens_per_s": [round(t, 1) for t in ref_tokens],
+            "tokens_per_s_median": round(statistics.median(ref_tokens), 1),
+            "round_ratios": [round(x, 4) for x in round_ratios],
+        }
+        print(
+            f"{REFERENCE_SHAPE} vs the official reference, same machine and run: median of "
+            f"{len(round_ratios)} rounds {statistics.median(round_ratios):.3f}x "
+            f"(rounds {', '.join(f'{x:.3f}' for x in round_ratios)})"
+        )
     print(
         json.dumps(
             {
@@ -289,6 +384,8 @@ def main(argv=None) -> None:
                 "load_average": round(os.getloadavg()[0], 2),
                 "malloc_huge_pages": huge_pages_in_effect(),
                 "results": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                "reference": reference,
+                "vs_reference": round(statistics.median(round_ratios), 4) if round_ratios else None,
             }
         )
     )
