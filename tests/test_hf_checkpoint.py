@@ -437,10 +437,10 @@ def test_corrupt_files_give_checkpoint_errors(tmp_path, good_checkpoint):
     (truncated / "config.json").write_text((path / "config.json").read_text())
     data = (path / SINGLE_FILE).read_bytes()
     (truncated / SINGLE_FILE).write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match="truncated while reading tensor"):
+    with pytest.raises(CheckpointError, match=r"not a valid safetensors file \(.*not fully covered"):
         load_checkpoint(truncated)
     (truncated / SINGLE_FILE).write_bytes(b"\x05\x00")
-    with pytest.raises(CheckpointError, match="not a safetensors file"):
+    with pytest.raises(CheckpointError, match=rf"{truncated / SINGLE_FILE}: not a valid safetensors file"):
         load_checkpoint(truncated)
 
 

@@ -1,84 +1,154 @@
-"""HF BailingMoeV2 config.json <-> ModelConfig."""
+"""HF BailingMoeV2 config.json <-> ModelConfig.
+
+Reading is strict: a field of the wrong type (a size of 64.7, a flag of "false"), an unknown
+`torch_dtype` or another `model_type` is an error naming the file and the field, never a silent
+conversion, since a checkpoint loaded under a wrong config computes something else without failing.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ling_jax.config import ConfigError, ModelConfig, RopeScaling
+from ling_jax.config import DTYPES, ConfigError, ModelConfig, RopeScaling
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+MODEL_TYPE = "bailing_moe_v2"
+_REQUIRED = object()
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Reads the fields of a BailingMoeV2 config.json; unsupported settings are errors naming the key."""
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
-    if hf.get("score_function", "sigmoid") != "sigmoid":
-        raise ConfigError(f"config.json score_function={hf['score_function']!r}: only 'sigmoid' is supported")
+class _Fields:
+    """Typed reads of one config.json mapping; every error names the source and the field.
+
+    An absent key or a JSON null reads as the default; with no default it is an error.
+    """
+
+    def __init__(self, raw: Any, source: str, prefix: str = ""):
+        if not isinstance(raw, Mapping):
+            what = f"{prefix[:-1]} must be a JSON object" if prefix else "must hold a JSON object"
+            raise ConfigError(f"{source}: {what}, got {type(raw).__name__}")
+        self.raw, self.source, self.prefix = raw, source, prefix
+
+    def error(self, key: str, text: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.prefix}{key}={self.raw.get(key)!r}: {text}")
+
+    def get(self, key: str, default=_REQUIRED):
+        value = self.raw.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.source}: missing field {self.prefix}{key}")
+            return default
+        return value
+
+    def int(self, key: str, default=_REQUIRED):
+        value = self.get(key, default)
+        if value is not default and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self.error(key, "must be an integer")
+        return value
+
+    def float(self, key: str, default=_REQUIRED):
+        value = self.get(key, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(key, "must be a finite number")
+        return float(value)
+
+    def bool(self, key: str, default=_REQUIRED):
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false")
+        return value
+
+    def token_id(self, key: str):
+        value = self.get(key, None)
+        if isinstance(value, list):  # HF allows a list of ids; the model uses the first
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise self.error(key, "must be an integer, a list of integers or null")
+            return value[0] if value else None
+        return self.int(key, None)
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """Reads the fields of a BailingMoeV2 config.json; unsupported or mistyped settings are
+    ConfigErrors naming `source` and the field."""
+    f = _Fields(hf, source)
+    if f.get("model_type", None) != MODEL_TYPE:
+        raise f.error("model_type", f"only {MODEL_TYPE!r} (BailingMoeV2) checkpoints are supported")
+    if f.get("hidden_act", "silu") != "silu":
+        raise f.error("hidden_act", "only 'silu' (SwiGLU) is supported")
+    if f.get("score_function", "sigmoid") != "sigmoid":
+        raise f.error("score_function", "only 'sigmoid' is supported")
     if hf.get("num_experts") is None:
-        raise ConfigError("config.json has no num_experts: not a BailingMoeV2 MoE config")
-    scaling = hf.get("rope_scaling")
-    rope_scaling = None
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("yarn", "default"):
-            raise ConfigError(f"config.json rope_scaling type {kind!r}: only 'yarn' is supported")
-        if kind == "yarn":
-            rope_scaling = RopeScaling(
-                factor=float(scaling["factor"]),
-                original_max_position_embeddings=int(
-                    scaling.get("original_max_position_embeddings") or hf["max_position_embeddings"]
-                ),
-                beta_fast=float(scaling.get("beta_fast") or 32.0),
-                beta_slow=float(scaling.get("beta_slow") or 1.0),
-                mscale=scaling.get("mscale"),
-                mscale_all_dim=scaling.get("mscale_all_dim"),
-                attention_factor=scaling.get("attention_factor"),
-                truncate=bool(scaling.get("truncate", True)),
-            )
-    num_heads = int(hf["num_attention_heads"])
-    dtype = _DTYPES.get(hf.get("torch_dtype", "float32"), "float32")
-    return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        num_layers=int(hf["num_hidden_layers"]),
-        num_heads=num_heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // num_heads),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_experts=int(hf["num_experts"]),
-        num_experts_per_tok=int(hf["num_experts_per_tok"]),
-        n_group=int(hf.get("n_group") or 1),
-        topk_group=int(hf.get("topk_group") or 1),
-        num_shared_experts=int(hf.get("num_shared_experts") or 0),
-        moe_intermediate_size=int(hf["moe_intermediate_size"]),
-        first_k_dense_replace=int(hf.get("first_k_dense_replace", 0)),
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        partial_rotary_factor=float(hf.get("partial_rotary_factor", 1.0)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-        use_qk_norm=bool(hf.get("use_qk_norm", False)),
-        use_qkv_bias=bool(hf.get("use_qkv_bias", False)),
-        use_bias=bool(hf.get("use_bias", False)),
-        num_mtp_layers=int(hf.get("num_nextn_predict_layers") or 0),
-        mtp_loss_weight=float(hf.get("mtp_loss_scaling_factor", 0.0)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        eos_token_id=_single_id(hf.get("eos_token_id")),
-        pad_token_id=_single_id(hf.get("pad_token_id")),
-        init_std=float(hf.get("initializer_range") or ModelConfig.init_std),
-        param_dtype=dtype,
-        dtype=dtype,
+        raise ConfigError(f"{source}: no num_experts: not a BailingMoeV2 MoE config")
+    dtype_key = "torch_dtype" if hf.get("torch_dtype") is not None else "dtype"  # newer transformers: "dtype"
+    dtype = f.get(dtype_key, "float32")
+    if dtype not in DTYPES:
+        raise f.error(dtype_key, f"supported: {', '.join(DTYPES)}")
+    num_heads = f.int("num_attention_heads")
+    hidden_size = f.int("hidden_size")
+    max_positions = f.int("max_position_embeddings", 32768)
+    try:
+        return ModelConfig(
+            vocab_size=f.int("vocab_size"),
+            hidden_size=hidden_size,
+            num_layers=f.int("num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=f.int("num_key_value_heads", 0) or num_heads,
+            head_dim=f.int("head_dim", 0) or hidden_size // num_heads,
+            intermediate_size=f.int("intermediate_size"),
+            num_experts=f.int("num_experts"),
+            num_experts_per_tok=f.int("num_experts_per_tok"),
+            n_group=f.int("n_group", 0) or 1,
+            topk_group=f.int("topk_group", 0) or 1,
+            num_shared_experts=f.int("num_shared_experts", 0),
+            moe_intermediate_size=f.int("moe_intermediate_size"),
+            first_k_dense_replace=f.int("first_k_dense_replace", 0),
+            routed_scaling_factor=f.float("routed_scaling_factor", 1.0),
+            partial_rotary_factor=f.float("partial_rotary_factor", 1.0),
+            rope_theta=f.float("rope_theta", 10000.0),
+            rope_scaling=_rope_scaling(f, max_positions),
+            max_position_embeddings=max_positions,
+            use_qk_norm=f.bool("use_qk_norm", False),
+            use_qkv_bias=f.bool("use_qkv_bias", False),
+            use_bias=f.bool("use_bias", False),
+            num_mtp_layers=f.int("num_nextn_predict_layers", 0),
+            mtp_loss_weight=f.float("mtp_loss_scaling_factor", 0.0),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            eos_token_id=f.token_id("eos_token_id"),
+            pad_token_id=f.token_id("pad_token_id"),
+            init_std=f.float("initializer_range", 0.0) or ModelConfig.init_std,
+            param_dtype=dtype,
+            dtype=dtype,
+        )
+    except ConfigError as e:
+        if str(e).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _rope_scaling(f: _Fields, max_positions: int) -> RopeScaling | None:
+    raw = f.get("rope_scaling", None)
+    if raw is None:
+        return None
+    s = _Fields(raw, f.source, "rope_scaling.")
+    kind = s.get("rope_type", None) or s.get("type", None)
+    if kind not in ("yarn", "default"):
+        raise ConfigError(f"{f.source}: rope_scaling type {kind!r}: only 'yarn' is supported")
+    if kind == "default":
+        return None
+    optional = {key: s.float(key, None) for key in ("mscale", "mscale_all_dim", "attention_factor")}
+    return RopeScaling(
+        factor=s.float("factor"),
+        original_max_position_embeddings=s.int("original_max_position_embeddings", 0) or max_positions,
+        beta_fast=s.float("beta_fast", 0.0) or 32.0,
+        beta_slow=s.float("beta_slow", 0.0) or 1.0,
+        truncate=s.bool("truncate", True),
+        **optional,
     )
-
-
-def _single_id(value):
-    if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -100,7 +170,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             rope_scaling["truncate"] = False
     return {
         "architectures": ["BailingMoeV2ForCausalLM"],
-        "model_type": "bailing_moe_v2",
+        "model_type": MODEL_TYPE,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
@@ -138,11 +208,16 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def read_config(path: Path) -> ModelConfig:
+    """The ModelConfig of checkpoint directory `path`; a missing, unreadable or invalid config.json
+    is an error naming the file (and the field)."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-    with open(file) as f:
-        return config_from_hf(json.load(f))
+    try:
+        raw = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    return config_from_hf(raw, source=str(file))
 
 
 def write_config(cfg: ModelConfig, path: Path) -> None:
