@@ -8,7 +8,9 @@ cannot be constructed; each error names the offending field.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -21,7 +23,71 @@ ROUTER_IMPLS = ("xla", "pallas")  # group-limited sigmoid top-k: lax.top_k, or t
 
 
 class ConfigError(ValueError):
-    """A config field holds a value the model cannot use; the message names the field."""
+    """A config field holds a value that cannot be used.
+
+    `ConfigError(field, message)` carries the field's name in `.field` (callers re-home it with
+    `within(section)` instead of parsing text); `str(e)` is "<field> <message>", e.g.
+    "train.b1 must be in [0, 1), got 2.0". `ConfigError(message)` is an error about no single field.
+    """
+
+    def __init__(self, field_or_message: str, message: str | None = None):
+        if message is None:
+            field, message = None, field_or_message
+        else:
+            field = field_or_message
+        self.field = field
+        self.message = message
+        super().__init__(message if field is None else f"{field} {message}")
+
+    def within(self, section: str) -> ConfigError:
+        """The same error with its field named from the experiment root (`rope_theta` -> `model.rope_theta`)."""
+        if self.field is None:
+            return ConfigError(f"{section}: {self.message}")
+        return ConfigError(f"{section}.{self.field}", self.message)
+
+
+class UnknownFieldsError(ConfigError):
+    """Keys that are no field of a config section (a typo must never fall back to a default)."""
+
+    def __init__(self, fields: Sequence[str], section: str):
+        self.fields = tuple(fields)
+        self.section = section
+        super().__init__(f"unknown {section} config field(s): {', '.join(self.fields)}")
+        self.field = self.fields[0]
+
+    def within(self, section: str) -> UnknownFieldsError:
+        return UnknownFieldsError([f"{section}.{f}" for f in self.fields], self.section)
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "a bool (True or False)"}
+
+
+def check_field_types(obj: Any, prefix: str = "") -> None:
+    """Checks every int / float / str / bool field of the dataclass `obj` against its annotation
+    (`X | None` also allows None). A float field takes any real number (an int too) but never NaN or
+    inf; an int field never takes a bool. The error names the field (`prefix` + name) and the type."""
+    for f in dataclasses.fields(obj):
+        annotation = str(f.type).replace(" ", "")
+        optional = annotation.endswith("|None")
+        kind = annotation.removesuffix("|None")
+        if kind not in _TYPE_NAMES:
+            continue
+        value = getattr(obj, f.name)
+        if value is None and optional:
+            continue
+        if kind == "int":
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, bool)
+        if not ok:
+            expected = _TYPE_NAMES[kind] + (" or None" if optional else "")
+            raise ConfigError(f"{prefix}{f.name}", f"must be {expected}, got {type(value).__name__} {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}", f"must be a finite number, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +105,27 @@ class RopeScaling:
     truncate: bool = True
 
     def __post_init__(self):
+        check_field_types(self, "rope_scaling.")
         if self.rope_type != "yarn":
-            raise ConfigError(f"rope_scaling.rope_type: only 'yarn' is supported, got {self.rope_type!r}")
+            raise ConfigError(
+                "rope_scaling.rope_type", f"must be 'yarn' (the only one supported), got {self.rope_type!r}"
+            )
         if not self.factor >= 1.0:
-            raise ConfigError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+            raise ConfigError("rope_scaling.factor", f"must be >= 1, got {self.factor}")
         if self.original_max_position_embeddings <= 0:
             raise ConfigError(
-                "rope_scaling.original_max_position_embeddings must be positive, got "
-                f"{self.original_max_position_embeddings}"
+                "rope_scaling.original_max_position_embeddings",
+                f"must be positive, got {self.original_max_position_embeddings}",
             )
         if not self.beta_fast > self.beta_slow > 0:
-            raise ConfigError(f"rope_scaling: need beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
+            raise ConfigError(
+                "rope_scaling.beta_fast",
+                f"must be > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}",
+            )
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"rope_scaling.{name}", f"must be positive or None, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +217,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Raises ConfigError naming the first field with a wrong type or an unusable value."""
         positive = (
             "vocab_size",
             "hidden_size",
@@ -158,68 +235,75 @@ class ModelConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
         for name in ("num_shared_experts", "first_k_dense_replace", "num_mtp_layers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+                raise ConfigError(name, f"must be a non-negative integer, got {value!r}")
+        check_field_types(self)
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+            raise ConfigError(
+                "num_heads", f"({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
         if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+            raise ConfigError("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor}")
         if self.head_dim * self.partial_rotary_factor != self.rotary_dim:
             raise ConfigError(
-                f"partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} is not an integer"
+                "partial_rotary_factor",
+                f"{self.partial_rotary_factor} x head_dim {self.head_dim} is not an integer",
             )
         if self.rotary_dim % 2:
             raise ConfigError(
-                f"partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} gives an odd "
-                f"rotary dim {self.rotary_dim}; RoPE rotates pairs"
+                "partial_rotary_factor",
+                f"{self.partial_rotary_factor} x head_dim {self.head_dim} gives an odd rotary dim "
+                f"{self.rotary_dim}; RoPE rotates pairs",
             )
         if self.num_experts % self.n_group:
-            raise ConfigError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+            raise ConfigError("num_experts", f"({self.num_experts}) must be divisible by n_group ({self.n_group})")
         if self.topk_group > self.n_group:
-            raise ConfigError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+            raise ConfigError("topk_group", f"({self.topk_group}) must be <= n_group ({self.n_group})")
         if self.experts_per_group < 2:
             raise ConfigError(
-                f"each of the n_group={self.n_group} groups needs >= 2 experts (group score = sum of top-2), "
-                f"got {self.experts_per_group}"
+                "n_group",
+                f"({self.n_group}) leaves {self.experts_per_group} expert(s) per group of num_experts "
+                f"({self.num_experts}); each group needs >= 2 (group score = sum of top-2)",
             )
         if self.num_experts_per_tok > self.topk_group * self.experts_per_group:
             raise ConfigError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the kept groups "
-                f"(topk_group {self.topk_group} x {self.experts_per_group} experts per group)"
+                "num_experts_per_tok",
+                f"({self.num_experts_per_tok}) exceeds the experts in the kept groups "
+                f"(topk_group {self.topk_group} x {self.experts_per_group} experts per group)",
             )
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
-        if self.rms_norm_eps <= 0:
-            raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        if self.mtp_loss_weight < 0:
-            raise ConfigError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        if not self.rope_theta > 0:
+            raise ConfigError("rope_theta", f"must be positive, got {self.rope_theta}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError("rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+        if not self.mtp_loss_weight >= 0:
+            raise ConfigError("mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
         if not self.routed_scaling_factor > 0:
-            raise ConfigError(f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
+            raise ConfigError("routed_scaling_factor", f"must be positive, got {self.routed_scaling_factor}")
         if not self.init_std > 0:
-            raise ConfigError(f"init_std must be positive, got {self.init_std}")
+            raise ConfigError("init_std", f"must be positive, got {self.init_std}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling)}")
+            raise ConfigError("rope_scaling", f"must be a RopeScaling or None, got {type(self.rope_scaling)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+                raise ConfigError(name, f"must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+            raise ConfigError("remat_policy", f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.moe_dispatch not in MOE_DISPATCHES:
-            raise ConfigError(f"moe_dispatch must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
+            raise ConfigError("moe_dispatch", f"must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
         if not self.moe_capacity_factor >= 0:
-            raise ConfigError(f"moe_capacity_factor must be >= 0 (0: dropless), got {self.moe_capacity_factor}")
+            raise ConfigError("moe_capacity_factor", f"must be >= 0 (0: dropless), got {self.moe_capacity_factor}")
         if self.fp8 not in FP8_MODES:
-            raise ConfigError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
+            raise ConfigError("fp8", f"must be one of {FP8_MODES}, got {self.fp8!r}")
         if self.router_impl not in ROUTER_IMPLS:
-            raise ConfigError(f"router_impl must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
+            raise ConfigError("router_impl", f"must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
-                raise ConfigError(f"{name} ({value}) must be in [0, vocab_size={self.vocab_size})")
+                raise ConfigError(name, f"({value}) must be in [0, vocab_size={self.vocab_size})")
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -231,10 +315,18 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+            raise UnknownFieldsError(unknown, "model")
         values = dict(fields)
         scaling = values.get("rope_scaling")
         if isinstance(scaling, Mapping):
+            known = {f.name for f in dataclasses.fields(RopeScaling)}
+            unknown = sorted(set(scaling) - known)
+            if unknown:
+                raise UnknownFieldsError([f"rope_scaling.{u}" for u in unknown], "model")
+            missing = sorted(f.name for f in dataclasses.fields(RopeScaling) if f.default is dataclasses.MISSING)
+            missing = [m for m in missing if m not in scaling]
+            if missing:
+                raise ConfigError(f"rope_scaling.{missing[0]}", "is required when rope_scaling is set")
             values["rope_scaling"] = RopeScaling(**dict(scaling))
         return cls(**values)
 

@@ -56,7 +56,10 @@ def test_valid_config_and_derived_values():
         (dict(num_experts=10, n_group=4), r"num_experts \(10\) must be divisible by n_group \(4\)"),
         (dict(topk_group=5), r"topk_group \(5\) must be <= n_group \(4\)"),
         (dict(num_experts_per_tok=5), r"num_experts_per_tok \(5\) exceeds the experts in the kept groups"),
-        (dict(num_experts=4, n_group=4, topk_group=2, num_experts_per_tok=1), r"n_group=4 groups needs >= 2 experts"),
+        (
+            dict(num_experts=4, n_group=4, topk_group=2, num_experts_per_tok=1),
+            r"n_group \(4\) leaves 1 expert\(s\) per group.*each group needs >= 2",
+        ),
         (
             dict(head_dim=6, partial_rotary_factor=0.5),
             r"partial_rotary_factor 0.5 x head_dim 6 gives an odd rotary dim 3",
@@ -70,7 +73,7 @@ def test_valid_config_and_derived_values():
         (dict(moe_dispatch="megablox"), r"moe_dispatch must be one of .*got 'megablox'"),
         (dict(router_impl="triton"), r"router_impl must be one of .*got 'triton'"),
         (dict(moe_capacity_factor=-1.0), r"moe_capacity_factor must be >= 0 \(0: dropless\), got -1.0"),
-        (dict(moe_capacity_factor=float("nan")), r"moe_capacity_factor must be >= 0 \(0: dropless\), got nan"),
+        (dict(moe_capacity_factor=float("nan")), r"moe_capacity_factor must be a finite number, got nan"),
         (dict(eos_token_id=64), r"eos_token_id \(64\) must be in \[0, vocab_size=64\)"),
         (dict(pad_token_id=-1), r"pad_token_id \(-1\) must be in \[0, vocab_size=64\)"),
         (dict(hidden_size=-32), r"hidden_size must be a positive integer, got -32"),
@@ -102,7 +105,7 @@ def test_model_config_errors_name_the_field(changes, match):
         (dict(factor=4.0, original_max_position_embeddings=64, rope_type="linear"), r"rope_scaling.rope_type"),
         (
             dict(factor=4.0, original_max_position_embeddings=64, beta_fast=1.0, beta_slow=2.0),
-            r"rope_scaling: need beta_fast > beta_slow > 0",
+            r"rope_scaling.beta_fast must be > beta_slow > 0, got beta_fast=1.0, beta_slow=2.0",
         ),
     ],
 )
@@ -218,3 +221,102 @@ def test_published_shapes(name):
         cfg.moe_intermediate_size,
         cfg.first_k_dense_replace,
     ) == shapes[name]
+
+
+# --------------------------------------------------------------------------- field types, .field
+@pytest.mark.parametrize(
+    "changes,field,match",
+    [
+        (dict(rope_theta="big"), "rope_theta", r"rope_theta must be a number, got str 'big'"),
+        (dict(routed_scaling_factor=None), "routed_scaling_factor", r"must be a number, got NoneType None"),
+        (dict(rms_norm_eps=True), "rms_norm_eps", r"must be a number, got bool True"),
+        (dict(init_std=float("inf")), "init_std", r"init_std must be a finite number, got inf"),
+        (dict(rope_theta=float("nan")), "rope_theta", r"rope_theta must be a finite number, got nan"),
+        (dict(mtp_loss_weight=float("-inf")), "mtp_loss_weight", r"must be a finite number, got -inf"),
+        (dict(use_qk_norm="yes"), "use_qk_norm", r"use_qk_norm must be a bool \(True or False\), got str 'yes'"),
+        (dict(scan_layers=1), "scan_layers", r"scan_layers must be a bool"),
+        (dict(eos_token_id=3.0), "eos_token_id", r"eos_token_id must be an integer or None, got float 3.0"),
+        (dict(dtype=32), "dtype", r"dtype must be a string, got int 32"),
+        (dict(num_experts="8"), "num_experts", r"num_experts must be a positive integer, got '8'"),
+    ],
+)
+def test_model_config_type_errors_carry_the_field(changes, field, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        ModelConfig(**_valid(**changes))
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
+
+
+def test_ints_are_numbers_for_float_fields():
+    assert ModelConfig(**_valid(rope_theta=10000, routed_scaling_factor=2)).rope_theta == 10000
+
+
+@pytest.mark.parametrize(
+    "fields,field",
+    [
+        (dict(factor="4", original_max_position_embeddings=64), "rope_scaling.factor"),
+        (dict(factor=4.0, original_max_position_embeddings=64.5), "rope_scaling.original_max_position_embeddings"),
+        (dict(factor=float("nan"), original_max_position_embeddings=64), "rope_scaling.factor"),
+        (dict(factor=4.0, original_max_position_embeddings=64, mscale=-1.0), "rope_scaling.mscale"),
+        (dict(factor=4.0, original_max_position_embeddings=64, truncate="no"), "rope_scaling.truncate"),
+    ],
+)
+def test_rope_scaling_type_errors_carry_the_field(fields, field):
+    with pytest.raises(ConfigError) as info:
+        RopeScaling(**fields)
+    assert info.value.field == field
+
+
+def test_config_error_carries_field_and_rehomes_it():
+    e = ConfigError("rope_theta", "must be positive, got 0")
+    assert (e.field, e.message, str(e)) == (
+        "rope_theta",
+        "must be positive, got 0",
+        "rope_theta must be positive, got 0",
+    )
+    moved = e.within("model")
+    assert (moved.field, str(moved)) == ("model.rope_theta", "model.rope_theta must be positive, got 0")
+    plain = ConfigError("a message about no single field")
+    assert plain.field is None and str(plain) == "a message about no single field"
+    assert str(plain.within("model")) == "model: a message about no single field"
+
+
+def test_experiment_names_model_fields_from_the_root():
+    """A config (file or config.json) with `model.rope_theta = "big"` is told about rope_theta, not rope_scaling."""
+    config = base_config().to_dict()
+    config["model"]["rope_theta"] = "big"
+    with pytest.raises(ConfigError, match=r"^model\.rope_theta must be a number, got str 'big'$") as info:
+        experiment_from_config(config)
+    assert info.value.field == "model.rope_theta"
+    config = base_config().to_dict()
+    config["model"]["rope_scaling"] = {"factor": 4.0, "original_max_position_embeddings": "8k"}
+    with pytest.raises(ConfigError) as info:
+        experiment_from_config(config)
+    assert info.value.field == "model.rope_scaling.original_max_position_embeddings"
+    values = base_config().to_dict()
+    values["model"]["rope_scaling"] = {"factor": 4.0}
+    with pytest.raises(ConfigError, match="is required") as info:
+        experiment_from_config(values)
+    assert info.value.field == "model.rope_scaling.original_max_position_embeddings"
+
+
+def test_unknown_fields_carry_every_name():
+    from ling_jax.config import UnknownFieldsError
+
+    with pytest.raises(UnknownFieldsError) as info:
+        experiment_from_config({"model": {"hiden_size": 8, "zz": 1}})
+    assert info.value.fields == ("model.hiden_size", "model.zz") and info.value.field == "model.hiden_size"
+
+
+@pytest.mark.parametrize("returned", [5, None, "configs/tiny.py", [1, 2]])
+def test_experiment_from_a_non_config_is_a_config_error(returned):
+    with pytest.raises(ConfigError, match=r"config must be an ml_collections.ConfigDict") as info:
+        experiment_from_config(returned)
+    assert info.value.field == "config"
+
+
+def test_a_section_that_is_not_a_mapping_is_named():
+    values = base_config().to_dict()
+    values["train"] = 3
+    with pytest.raises(ConfigError, match=r"^train must be a section of fields"):
+        experiment_from_config(values)

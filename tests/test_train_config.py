@@ -80,6 +80,80 @@ def test_bad_values_are_named(config, named):
         experiment_from_config(config)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "section, key, value, match",
+    [  # every field of the train / data / checkpoint / mesh sections: a wrong type and an unusable value
+        ("train", "grad_clip", -1.0, r"must be positive, got -1.0"),
+        ("train", "grad_clip", 0.0, r"must be positive, got 0.0"),
+        ("train", "b1", 2.0, r"must be in \[0, 1\), got 2.0"),
+        ("train", "b1", 1.0, r"must be in \[0, 1\), got 1.0"),
+        ("train", "b2", -1.0, r"must be in \[0, 1\), got -1.0"),
+        ("train", "b2", -0.5, r"must be in \[0, 1\), got -0.5"),
+        ("train", "eps", 0.0, r"must be positive, got 0.0"),
+        ("train", "weight_decay", -0.1, r"must be >= 0, got -0.1"),
+        ("train", "z_loss_weight", -1e-6, r"must be >= 0, got -1e-06"),
+        ("train", "peak_flops_per_device", -1.0, r"must be positive \(or 0: measure"),
+        ("train", "sample_temperature", -0.7, r"must be >= 0, got -0.7"),
+        ("train", "sample_temperature", NAN, r"must be a finite number, got nan"),
+        ("train", "learning_rate", NAN, r"must be a finite number, got nan"),
+        ("train", "learning_rate", INF, r"must be a finite number, got inf"),
+        ("train", "learning_rate", 0.0, r"must be positive"),
+        ("train", "learning_rate", "3e-3", r"must be a number, got str '3e-3'"),
+        ("train", "b1", None, r"must be a number, got NoneType None"),
+        ("train", "bias_update_rate", -1e-3, r"must be >= 0"),
+        ("train", "steps", 0, r"must be positive, got 0"),
+        ("train", "steps", 10.5, r"must be an integer, got float 10.5"),
+        ("train", "steps", True, r"must be an integer, got bool True"),
+        ("train", "seed", -1, r"must be >= 0, got -1"),
+        ("train", "batch_size", -1, r"must be positive"),
+        ("train", "seq_len", 1, r"must be >= 2"),
+        ("train", "warmup_steps", -1, r"must be >= 0"),
+        ("train", "log_every", 0, r"must be positive"),
+        ("train", "eval_every", -1, r"must be >= 0"),
+        ("train", "eval_batches", -2, r"must be >= 0"),
+        ("train", "max_nonfinite_steps", 0, r"must be positive"),
+        ("train", "sample_tokens", -1, r"must be >= 0"),
+        ("train", "sample_prompt", 3, r"must be a string, got int 3"),
+        ("data", "source", "", r"must be a non-empty string"),
+        ("data", "source", None, r"must be a string"),
+        ("data", "tokenizer", "  ", r"must be a non-empty string"),
+        ("data", "heldout_fraction", 1.0, r"must be in \[0, 1\)"),
+        ("data", "heldout_fraction", NAN, r"must be a finite number"),
+        ("data", "max_tokens", -1, r"must be >= 0"),
+        ("data", "max_tokens", 1e6, r"must be an integer, got float"),
+        ("checkpoint", "every", -1, r"must be >= 0"),
+        ("checkpoint", "keep", 0, r"must be >= 1"),
+        ("checkpoint", "async_save", "yes", r"must be a bool"),
+        ("mesh", "expert", 0, r"must be a positive size or -1"),
+        ("mesh", "model", -2, r"must be a positive size or -1"),
+        ("mesh", "data", 2.0, r"must be an integer"),
+        ("mesh", "fsdp", -1, r"is -1 like mesh.data: at most one axis may be -1"),
+    ],
+)
+def test_every_bad_setting_is_a_config_error_naming_the_field(section, key, value, match):
+    values = small_config().to_dict()  # a dict: ConfigDict itself refuses some wrong types on assignment
+    values[section][key] = value
+    with pytest.raises(ConfigError, match=match) as info:
+        experiment_from_config(values)
+    assert info.value.field == f"{section}.{key}"
+    assert str(info.value).startswith(f"{section}.{key} ")
+
+
+def test_seq_len_must_fit_the_position_embeddings():
+    values = small_config(train={"seq_len": 65}).to_dict()  # small model: max_position_embeddings=64
+    with pytest.raises(ConfigError, match=r"train.seq_len \(65\) must be <= model.max_position_embeddings \(64\)"):
+        experiment_from_config(values)
+    assert experiment_from_config(small_config(train={"seq_len": 64})).train.seq_len == 64
+
+
+def test_float_fields_take_ints():
+    exp = experiment_from_config(small_config(train={"grad_clip": 2, "weight_decay": 0}))
+    assert exp.train.grad_clip == 2 and exp.train.weight_decay == 0
+
+
 @pytest.mark.parametrize("rope_scaling", [None, {"factor": 4.0, "original_max_position_embeddings": 16}])
 def test_config_json_round_trip(rope_scaling):
     """run() writes experiment_to_dict(exp) to config.json; eval/merge rebuild the same Experiment."""

@@ -13,7 +13,12 @@ from typing import Any
 
 import ml_collections
 
-from ling_jax.config import ConfigError, ModelConfig
+from ling_jax.config import ConfigError, ModelConfig, UnknownFieldsError, check_field_types
+
+
+def _require(section: str, name: str, ok: bool, requirement: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{section}.{name}", f"must be {requirement}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +29,11 @@ class DataConfig:
     max_tokens: int = 0  # 0 = the whole corpus
 
     def __post_init__(self):
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ConfigError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.max_tokens < 0:
-            raise ConfigError(f"data.max_tokens must be >= 0, got {self.max_tokens}")
+        check_field_types(self, "data.")
+        for name in ("source", "tokenizer"):
+            _require("data", name, bool(getattr(self, name).strip()), "a non-empty string", getattr(self, name))
+        _require("data", "heldout_fraction", 0.0 <= self.heldout_fraction < 1.0, "in [0, 1)", self.heldout_fraction)
+        _require("data", "max_tokens", self.max_tokens >= 0, ">= 0 (0: the whole corpus)", self.max_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +41,13 @@ class TrainConfig:
     steps: int = 300
     seed: int = 0
     batch_size: int = 16  # global, in sequences
-    seq_len: int = 128
+    seq_len: int = 128  # at most model.max_position_embeddings
     learning_rate: float = 3e-3  # WSM: peak, held constant after warmup
     warmup_steps: int = 30
-    b1: float = 0.9
+    b1: float = 0.9  # AdamW moment decays, in [0, 1)
     b2: float = 0.95
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global-norm clip; must be positive (0 would zero every update)
     eps: float = 1e-8
     z_loss_weight: float = 0.0  # router z-loss (the released Ling scripts use 3.5e-6)
     bias_update_rate: float = 1e-3  # aux-loss-free balancing rate u; 0 disables the update
@@ -52,21 +58,28 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0  # for MFU; 0 = measure the matmul peak at start-up
     sample_tokens: int = 200
     sample_prompt: str = "def "
-    sample_temperature: float = 0.0
+    sample_temperature: float = 0.0  # 0 = greedy
 
     def __post_init__(self):
+        check_field_types(self, "train.")
         for name in ("steps", "batch_size", "log_every", "max_nonfinite_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ConfigError(f"train.seq_len must be >= 2, got {self.seq_len}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
-        if self.bias_update_rate < 0:
-            raise ConfigError(f"train.bias_update_rate must be >= 0, got {self.bias_update_rate}")
+            _require("train", name, getattr(self, name) > 0, "positive", getattr(self, name))
+        _require("train", "seq_len", self.seq_len >= 2, ">= 2", self.seq_len)
+        for name in ("seed", "warmup_steps", "eval_every", "eval_batches", "sample_tokens"):
+            _require("train", name, getattr(self, name) >= 0, ">= 0", getattr(self, name))
+        for name in ("learning_rate", "grad_clip", "eps"):
+            _require("train", name, getattr(self, name) > 0, "positive", getattr(self, name))
+        for name in ("b1", "b2"):
+            _require("train", name, 0.0 <= getattr(self, name) < 1.0, "in [0, 1)", getattr(self, name))
+        for name in ("weight_decay", "z_loss_weight", "bias_update_rate", "sample_temperature"):
+            _require("train", name, getattr(self, name) >= 0, ">= 0", getattr(self, name))
+        _require(
+            "train",
+            "peak_flops_per_device",
+            self.peak_flops_per_device >= 0,
+            "positive (or 0: measure the matmul peak at start-up)",
+            self.peak_flops_per_device,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +89,9 @@ class CheckpointConfig:
     async_save: bool = True
 
     def __post_init__(self):
-        if self.every < 0:
-            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
-        if self.keep < 1:
-            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        check_field_types(self, "checkpoint.")
+        _require("checkpoint", "every", self.every >= 0, ">= 0 (0: only the final checkpoint)", self.every)
+        _require("checkpoint", "keep", self.keep >= 1, ">= 1", self.keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +108,13 @@ class MeshConfig:
         return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "model": self.model}
 
     def __post_init__(self):
+        check_field_types(self, "mesh.")
         sizes = self.axes
-        if sum(v == -1 for v in sizes.values()) > 1:
-            raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
         for name, v in sizes.items():
-            if v == 0 or v < -1:
-                raise ConfigError(f"mesh.{name} must be a positive size or -1, got {v}")
+            _require("mesh", name, v >= 1 or v == -1, "a positive size or -1 (the rest of the devices)", v)
+        if sum(v == -1 for v in sizes.values()) > 1:
+            auto = [f"mesh.{n}" for n, v in sizes.items() if v == -1]
+            raise ConfigError(auto[1], f"is -1 like {auto[0]}: at most one axis may be -1, got {sizes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +124,14 @@ class Experiment:
     train: TrainConfig
     checkpoint: CheckpointConfig
     mesh: MeshConfig
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                "train.seq_len",
+                f"({self.train.seq_len}) must be <= model.max_position_embeddings "
+                f"({self.model.max_position_embeddings})",
+            )
 
 
 _SECTIONS = {
@@ -123,23 +144,18 @@ _SECTIONS = {
 
 
 def _build(cls, section: str, values: Mapping[str, Any]):
-    if cls is ModelConfig:
-        try:
+    try:
+        if cls is ModelConfig:
             return ModelConfig.from_mapping(values)
-        except ConfigError as e:
-            message = str(e)
-            prefix = "unknown model config field(s): "
-            if message.startswith(prefix):  # name them as the user wrote them: model.<key>
-                names = message[len(prefix) :].split(", ")
-                raise ConfigError(f"unknown model config field(s): {', '.join(f'model.{n}' for n in names)}") from None
-            raise ConfigError(f"model.{message}") from None
-        except TypeError as e:  # an unknown key inside model.rope_scaling
-            raise ConfigError(f"model.rope_scaling: {e}") from None
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown {section} config field(s): {', '.join(f'{section}.{u}' for u in unknown)}")
-    return cls(**values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UnknownFieldsError(unknown, section)
+        return cls(**values)
+    except ConfigError as e:
+        if cls is ModelConfig or isinstance(e, UnknownFieldsError):  # named as the user wrote them
+            raise e.within(section) from None
+        raise
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -204,10 +220,23 @@ def ling2_config(
 
 
 def experiment_from_config(config: ml_collections.ConfigDict | Mapping) -> Experiment:
-    values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    """The validated Experiment of a config (a config file's `get_config()`, or config.json's mapping).
+
+    Raises ConfigError naming the first bad field (`.field`, e.g. "train.b1") before anything runs."""
+    if isinstance(config, ml_collections.ConfigDict):
+        values = config.to_dict()
+    elif isinstance(config, Mapping):
+        values = dict(config)
+    else:
+        raise ConfigError(
+            "config", f"must be an ml_collections.ConfigDict (what get_config() returns), got {type(config).__name__}"
+        )
     unknown = sorted(set(values) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
+    for name in _SECTIONS:
+        if not isinstance(values.get(name, {}), Mapping):
+            raise ConfigError(name, f"must be a section of fields (a ConfigDict), got {type(values[name]).__name__}")
     model = dict(values.get("model", {}))
     scaling = model.get("rope_scaling")
     if isinstance(scaling, Mapping) and not scaling.get("factor"):
