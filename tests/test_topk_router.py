@@ -6,7 +6,9 @@ of a plain formulation within 1e-6. The Pallas kernels run in interpret mode on 
 """
 
 import functools
+import re
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -202,3 +204,14 @@ def test_rejects_bad_arguments(shape, bias_len, kwargs, match):
 def test_rejects_bad_block_config():
     with pytest.raises(ValueError, match="block_t"):
         RouterKernelConfig(block_t=12)
+
+
+def test_router_sources_follow_the_axis_glossary():
+    """ling_jax/layers/__init__.py: K = kv heads, N = flattened tokens, k = experts per token; the
+    router's [tokens, top_k] arrays are `_Tk`, and RoPE's per-head input is `x_BTHDh`, not `_BTND`."""
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "pallas_kernels" / "topk_router").glob("*.py")):
+        names = set(re.findall(r"\b\w+_TK\b", path.read_text()))
+        assert not names, f"{path.name}: {sorted(names)} use K (kv heads) for top-k; the glossary letter is k"
+    rope = (root / "ling_jax" / "ops" / "rope.py").read_text()
+    assert not re.findall(r"\b\w+_BTND\b", rope), "rope.py uses N (flattened tokens) for heads"

@@ -74,12 +74,14 @@ def rope_cos_sin(positions_BT: jnp.ndarray, config: ModelConfig) -> tuple[jnp.nd
     return jnp.cos(emb_BTR) * attention_scaling, jnp.sin(emb_BTR) * attention_scaling
 
 
-def apply_rope(x_BTND: jnp.ndarray, cos_BTR: jnp.ndarray, sin_BTR: jnp.ndarray) -> jnp.ndarray:
-    """Rotates the first R dims of each head (rotate-half pairs (i, i+R/2)); the rest pass through."""
+def apply_rope(x_BTHDh: jnp.ndarray, cos_BTR: jnp.ndarray, sin_BTR: jnp.ndarray) -> jnp.ndarray:
+    """Rotates the first R dims of each head (rotate-half pairs (i, i+R/2)); the rest pass through.
+
+    H is whichever heads `x` holds: query heads, or key/value heads (K) for keys."""
     rotary_dim = cos_BTR.shape[-1]
-    x_rot, x_pass = x_BTND[..., :rotary_dim], x_BTND[..., rotary_dim:]
+    x_rot, x_pass = x_BTHDh[..., :rotary_dim], x_BTHDh[..., rotary_dim:]
     half = rotary_dim // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
     cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
-    x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BTND.dtype)
+    x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BTHDh.dtype)
     return jnp.concatenate([x_rot, x_pass], axis=-1)

@@ -111,7 +111,7 @@ def _pad_rows(x, rows: int):
 
 
 def pallas_route(logits_TE, bias_E, params: RoutingParams, config: RouterKernelConfig = RouterKernelConfig()):
-    """Kernel forward: (expert_ids [T, K] int32, weights [T, K] float32)."""
+    """Kernel forward: (expert_ids [T, k] int32, weights [T, k] float32)."""
     interpret = resolve_interpret(config)
     num_tokens, num_experts = logits_TE.shape
     bt, tp = _token_tiling(num_tokens, config)
@@ -130,7 +130,7 @@ def pallas_route(logits_TE, bias_E, params: RoutingParams, config: RouterKernelC
 
 
 def pallas_route_backward(
-    logits_TE, ids_TK, dw_TK, params: RoutingParams, config: RouterKernelConfig = RouterKernelConfig()
+    logits_TE, ids_Tk, dw_Tk, params: RoutingParams, config: RouterKernelConfig = RouterKernelConfig()
 ):
     """Kernel backward: dL/dlogits [T, E] in the logits' dtype."""
     interpret = resolve_interpret(config)
@@ -150,5 +150,5 @@ def pallas_route_backward(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret,
         name="sigmoid_topk_route_bwd",
-    )(_pad_rows(logits_TE, tp), _pad_rows(ids_TK.astype(jnp.int32), tp), _pad_rows(dw_TK.astype(jnp.float32), tp))
+    )(_pad_rows(logits_TE, tp), _pad_rows(ids_Tk.astype(jnp.int32), tp), _pad_rows(dw_Tk.astype(jnp.float32), tp))
     return dlogits[:num_tokens]

@@ -44,13 +44,13 @@ def _forward(static: _Static, logits_TE, bias_E):
     return reference.route_reference(logits_TE, bias_E, static.params)
 
 
-def _backward_logits(static: _Static, logits_TE, ids_TK, dw_TK):
+def _backward_logits(static: _Static, logits_TE, ids_Tk, dw_Tk):
     if static.impl == "pallas":
         try:
-            return kernel.pallas_route_backward(logits_TE, ids_TK, dw_TK, static.params, static.config)
+            return kernel.pallas_route_backward(logits_TE, ids_Tk, dw_Tk, static.params, static.config)
         except NotImplementedError as err:
             _warn_once(str(err))
-    return reference.route_backward_reference(logits_TE, ids_TK, dw_TK, static.params)
+    return reference.route_backward_reference(logits_TE, ids_Tk, dw_Tk, static.params)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -59,14 +59,14 @@ def _route(static: _Static, logits_TE, bias_E):
 
 
 def _route_fwd(static: _Static, logits_TE, bias_E):
-    ids_TK, weights_TK = _forward(static, logits_TE, bias_E)
-    return (ids_TK, weights_TK), (logits_TE, ids_TK, jnp.zeros_like(bias_E))
+    ids_Tk, weights_Tk = _forward(static, logits_TE, bias_E)
+    return (ids_Tk, weights_Tk), (logits_TE, ids_Tk, jnp.zeros_like(bias_E))
 
 
 def _route_bwd(static: _Static, residuals, cotangents):
-    logits_TE, ids_TK, zero_bias_E = residuals
-    _, dw_TK = cotangents  # the ids' cotangent is float0 (integer output)
-    return _backward_logits(static, logits_TE, ids_TK, dw_TK), zero_bias_E
+    logits_TE, ids_Tk, zero_bias_E = residuals
+    _, dw_Tk = cotangents  # the ids' cotangent is float0 (integer output)
+    return _backward_logits(static, logits_TE, ids_Tk, dw_Tk), zero_bias_E
 
 
 _route.defvjp(_route_fwd, _route_bwd)
