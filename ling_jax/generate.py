@@ -8,6 +8,7 @@ fixed size (longest prompt + max_new_tokens), so nothing recompiles as decoding 
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -26,6 +27,20 @@ class GenerateOutput(NamedTuple):
     tokens: np.ndarray  # [B, max_new_tokens] generated ids; after a stop token, pad_id
     lengths: np.ndarray  # [B] generated tokens per row, the stop token included
     step_logits: np.ndarray  # [B, max_new_tokens, V] float32 logits each token was drawn from
+
+
+class _DecodeState(NamedTuple):
+    """The decode loop's carry. N indexes generated tokens (max_new_tokens)."""
+
+    step: jax.Array  # int32: tokens generated so far (the slot the next token is written to)
+    cache: DecodeCache
+    logits_BV: jax.Array  # float32 logits of the next token
+    pos_B: jax.Array  # position of the next token in each row
+    done_B: jax.Array  # bool: the row has emitted a stop token
+    rng: jax.Array
+    tokens_BN: jax.Array  # generated ids; pad_id after a stop
+    step_logits_BNV: jax.Array  # the logits each token was drawn from
+    lengths_B: jax.Array  # generated tokens per row, the stop token included
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=None) -> DecodeCache:
@@ -84,37 +99,46 @@ def _generate(
     def is_stop(tok_B):
         return jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
 
-    def body(state):
-        step, cache, logits_BV, pos_B, done_B, rng, tokens_BN, step_logits_BNV, lengths_B = state
-        rng, key = jax.random.split(rng)
-        tok_B = sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
-        tok_B = jnp.where(done_B, pad_id, tok_B)
-        tokens_BN = tokens_BN.at[:, step].set(tok_B)
-        step_logits_BNV = step_logits_BNV.at[:, step].set(logits_BV)
-        lengths_B = lengths_B + (~done_B).astype(jnp.int32)
-        done_B = done_B | is_stop(tok_B)
+    def body(state: _DecodeState) -> _DecodeState:
+        rng, key = jax.random.split(state.rng)
+        tok_B = sample_logits(state.logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p)
+        tok_B = jnp.where(state.done_B, pad_id, tok_B)
         out = model.apply(
-            variables, tok_B[:, None], pos_B[:, None], jnp.ones((B, 1), jnp.int32), cache=cache, with_mtp=False
+            variables,
+            tok_B[:, None],
+            state.pos_B[:, None],
+            jnp.ones((B, 1), jnp.int32),
+            cache=state.cache,
+            with_mtp=False,
         )
-        return (step + 1, out.cache, out.logits[:, -1], pos_B + 1, done_B, rng, tokens_BN, step_logits_BNV, lengths_B)
+        return _DecodeState(
+            step=state.step + 1,
+            cache=out.cache,
+            logits_BV=out.logits[:, -1],
+            pos_B=state.pos_B + 1,
+            done_B=state.done_B | is_stop(tok_B),
+            rng=rng,
+            tokens_BN=state.tokens_BN.at[:, state.step].set(tok_B),
+            step_logits_BNV=state.step_logits_BNV.at[:, state.step].set(state.logits_BV),
+            lengths_B=state.lengths_B + (~state.done_B).astype(jnp.int32),
+        )
 
-    def cond(state):
-        step, done_B = state[0], state[4]
-        return (step < max_new_tokens) & ~jnp.all(done_B)
+    def cond(state: _DecodeState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done_B)
 
-    state = (
-        jnp.int32(0),
-        out.cache,
-        out.logits[:, -1],
-        positions_BT[:, -1] + 1,
-        jnp.zeros((B,), bool),
-        rng,
-        jnp.full((B, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((B, max_new_tokens, V), jnp.float32),
-        jnp.zeros((B,), jnp.int32),
+    state = _DecodeState(
+        step=jnp.int32(0),
+        cache=out.cache,
+        logits_BV=out.logits[:, -1],
+        pos_B=positions_BT[:, -1] + 1,
+        done_B=jnp.zeros((B,), bool),
+        rng=rng,
+        tokens_BN=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+        step_logits_BNV=jnp.zeros((B, max_new_tokens, V), jnp.float32),
+        lengths_B=jnp.zeros((B,), jnp.int32),
     )
     state = jax.lax.while_loop(cond, body, state)
-    return state[6], state[8], state[7]
+    return state.tokens_BN, state.lengths_B, state.step_logits_BNV
 
 
 def generate(
@@ -135,18 +159,28 @@ def generate(
     Greedy when temperature == 0, else sampling with optional top-k / top-p. A row stops after
     emitting any of `stop_tokens`; its remaining slots hold `pad_id`.
     """
+    for name, value in (("max_new_tokens", max_new_tokens), ("seed", seed)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     validate_sampling(temperature, top_k, top_p, cfg.vocab_size)
-    prompts = [list(map(int, p)) for p in prompts]
-    if not prompts:
+    if len(prompts) == 0:
         raise ValueError("generate needs at least one prompt")
-    for i, p in enumerate(prompts):
-        check_token_ids(np.asarray(p, np.int64), cfg.vocab_size, what=f"prompt {i}")
-    check_token_ids(np.asarray(list(stop_tokens), np.int64), cfg.vocab_size, what="stop_tokens")
+    # Checked before any conversion, so a non-integer id (1.7) is an error, never truncated.
+    prompt_arrays = [np.asarray(p) for p in prompts]
+    for i, p in enumerate(prompt_arrays):
+        if p.ndim != 1:
+            raise ValueError(f"prompt {i} must be a 1-D sequence of token ids, got shape {p.shape}")
+        check_token_ids(p, cfg.vocab_size, what=f"prompt {i}")
+    prompts = [p.astype(np.int64).tolist() for p in prompt_arrays]
+    stop_array = np.asarray(list(stop_tokens))
+    check_token_ids(stop_array if stop_array.size else stop_array.astype(np.int64), cfg.vocab_size, what="stop_tokens")
+    stop_tokens = stop_array.astype(np.int64).tolist()
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     check_token_ids(np.asarray([pad_id]), cfg.vocab_size, what="pad_id")
+    pad_id = int(pad_id)
     ids_BT, positions_BT, segments_BT, _ = _left_pad(prompts, pad_id)
     total = ids_BT.shape[1] + max_new_tokens
     if total > cfg.max_position_embeddings:
@@ -167,7 +201,7 @@ def generate(
         cache,
         cfg=cfg,
         max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
+        temperature=float(temperature),  # validated above: exact conversions
         top_k=int(top_k),
         top_p=float(top_p),
     )

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 
 
 def sample_logits(logits_BV, rng, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Token ids [B] int32. temperature == 0 is greedy (argmax, lowest id on ties); top_k == 0 and
-    top_p == 1 disable those filters. Filters apply to the temperature-scaled logits."""
+    top_p == 1 disable those filters. Filters apply to the temperature-scaled logits. The settings
+    are Python values, checked at trace time (`validate_sampling`)."""
+    validate_sampling(temperature, top_k, top_p, logits_BV.shape[-1])
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV.astype(jnp.float32) / temperature
@@ -26,6 +31,15 @@ def sample_logits(logits_BV, rng, *, temperature: float, top_k: int, top_p: floa
 
 
 def validate_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int) -> None:
+    """Raises ValueError naming the argument unless temperature is a finite number >= 0, top_k an
+    integer in [0, vocab_size] and top_p a number in (0, 1]. Nothing is rounded: top_k=2.7 is an error."""
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool):
+        raise ValueError(f"top_k must be an integer (0: no top-k filter), got {type(top_k).__name__} {top_k!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 <= top_k <= vocab_size:

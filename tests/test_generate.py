@@ -154,6 +154,17 @@ def test_sample_same_seed_same_tokens():
         ([[1, 2]], dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
         ([[1, 2]], dict(temperature=1.0, top_k=65), r"top_k must be in \[0, vocab_size=64\], got 65"),
         ([[1, 2]], dict(stop_tokens=[70]), r"stop_tokens: token id 70"),
+        ([[1, 2]], dict(temperature=float("nan")), r"temperature must be a finite number, got nan"),
+        ([[1, 2]], dict(temperature=float("inf")), r"temperature must be a finite number, got inf"),
+        ([[1, 2]], dict(temperature="0.7"), r"temperature must be a number, got str '0.7'"),
+        ([[1, 2]], dict(temperature=1.0, top_p=float("nan")), r"top_p must be a finite number, got nan"),
+        ([[1, 2]], dict(temperature=1.0, top_k=2.7), r"top_k must be an integer .*got float 2.7"),
+        ([[1, 2]], dict(temperature=1.0, top_k=True), r"top_k must be an integer .*got bool True"),
+        ([[1, 2], [3, 1.7]], {}, r"prompt 1: token ids must be integers, got dtype float64"),
+        ([[[1, 2]]], {}, r"prompt 0 must be a 1-D sequence of token ids, got shape \(1, 2\)"),
+        ([[1, 2]], dict(stop_tokens=[1.5]), r"stop_tokens: token ids must be integers"),
+        ([[1, 2]], dict(pad_id=0.5), r"pad_id: token ids must be integers"),
+        ([[1, 2]], dict(max_new_tokens=2.5), r"max_new_tokens must be an integer, got float 2.5"),
         ([[1, 2]], dict(max_new_tokens=0), r"max_new_tokens must be positive, got 0"),
         (
             [[1, 2, 3]],
@@ -171,6 +182,17 @@ def test_sample_same_seed_same_tokens():
         "top-p-above-one",
         "top-k-above-vocab",
         "stop-token-out-of-range",
+        "nan-temperature",
+        "inf-temperature",
+        "string-temperature",
+        "nan-top-p",
+        "fractional-top-k",
+        "bool-top-k",
+        "fractional-prompt-token",
+        "2d-prompt",
+        "fractional-stop-token",
+        "fractional-pad-id",
+        "fractional-max-new-tokens",
         "no-new-tokens",
         "too-long",
     ],
@@ -179,3 +201,33 @@ def test_generate_errors(gen_cfg, gen_vars, prompts, kwargs, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(gen_cfg, gen_vars, prompts, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=float("nan"), top_k=0, top_p=1.0), r"temperature must be a finite number"),
+        (dict(temperature=1.0, top_k=2.7, top_p=1.0), r"top_k must be an integer"),
+        (dict(temperature=1.0, top_k=9, top_p=1.0), r"top_k must be in \[0, vocab_size=8\], got 9"),
+    ],
+)
+def test_sample_logits_checks_its_settings_at_trace_time(kwargs, match):
+    """sample_logits is public too: NaN temperature used to give token 0 every time."""
+    with pytest.raises(ValueError, match=match):
+        sample_logits(jnp.zeros((2, 8)), jax.random.key(0), **kwargs)
+
+
+def test_decode_state_is_named():
+    from ling_jax.generate import _DecodeState
+
+    assert _DecodeState._fields == (
+        "step",
+        "cache",
+        "logits_BV",
+        "pos_B",
+        "done_B",
+        "rng",
+        "tokens_BN",
+        "step_logits_BNV",
+        "lengths_B",
+    )
