@@ -3,6 +3,12 @@
     out = LingModel(cfg).apply(variables, input_ids_BT)           # variables: params + expert_bias
     out.logits [B, T, V], out.mtp_logits [M, B, T, V], out.router.counts_E [L_moe, E]
 
+Token ids: `apply` stays trace-friendly, so it does not look at id values (an id >= vocab_size gives
+NaN logits, a negative one wraps). Checked paths: `apply_checked(cfg, variables, ids)` checks
+concrete ids on the host first; inside jit, `LingModel(cfg, checked=True)` under `checkify.checkify`.
+The training data pipeline and `generate` always check. More tokens than max_position_embeddings
+is a ValueError at trace time.
+
 The dense prefix and the MoE layers are two `nn.scan` stacks. Packed sequences pass
 `segment_ids` (0 = padding) and per-document `positions`; attention never crosses segments.
 Decoding passes a fixed-size `DecodeCache` (see ling_jax/generate.py).
@@ -20,6 +26,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 from ling_jax.config import ModelConfig
@@ -75,6 +82,13 @@ class LingModel(nn.Module):
     ) -> LingOutput:
         cfg = self.config
         B, T = input_ids_BT.shape
+        # Shapes are static: plain Python checks, at trace time.
+        if not jnp.issubdtype(input_ids_BT.dtype, jnp.integer):
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids_BT.dtype}")
+        slots = T if cache is None else cache.segment_ids_BS.shape[1]
+        if max(T, slots) > cfg.max_position_embeddings:
+            what = f"{T} tokens" if cache is None else f"a decode cache of {slots} slots"
+            raise ValueError(f"input of {what} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         if self.checked:
             ids = input_ids_BT
             checkify.check(
@@ -193,6 +207,24 @@ class LingModel(nn.Module):
             mtp_router=mtp_router,
             cache=new_cache,
         )
+
+
+def apply_checked(config: ModelConfig, variables, input_ids_BT, *args, **kwargs) -> LingOutput:
+    """`LingModel(config).apply(variables, input_ids_BT, ...)` after checking on the host that every
+    id is an integer in [0, vocab_size) (ValueError naming the first bad id and its position).
+
+    For concrete ids; under jit use `LingModel(config, checked=True)` inside `checkify.checkify`."""
+    from ling_jax.data.tokenizer import check_token_ids  # the data package imports grain: only when used
+
+    try:
+        ids = np.asarray(input_ids_BT)
+    except jax.errors.TracerArrayConversionError:
+        raise TypeError(
+            "apply_checked checks token ids on the host and cannot see traced ids; inside jit use "
+            "LingModel(config, checked=True) under checkify.checkify"
+        ) from None
+    check_token_ids(ids, config.vocab_size, what="input_ids")
+    return LingModel(config).apply(variables, input_ids_BT, *args, **kwargs)
 
 
 def init_variables(config: ModelConfig, rng: jax.Array, batch_size: int = 1, seq_len: int = 8):

@@ -319,3 +319,42 @@ def test_checked_model_rejects_out_of_range_ids_inside_jit(tiny_cfg, tiny_vars, 
         with pytest.raises(checkify.JaxRuntimeError, match=rf"input_ids out of range \[0, {tiny_cfg.vocab_size}\)"):
             err.throw()
         assert str(bad_id) in err.get()
+
+
+def test_apply_checked_rejects_bad_ids_on_the_host(tiny_cfg, tiny_vars):
+    from ling_jax.model import apply_checked
+
+    V = tiny_cfg.vocab_size
+    for bad, match in [
+        (np.full((1, 4), V, np.int32), rf"input_ids: token id {V} at position \(0, 0\).*\[0, {V}\)"),
+        (np.array([[1, -1, 2]], np.int32), r"input_ids: token id -1 at position \(0, 1\)"),
+        (np.array([[1.0, 2.7]]), r"input_ids: token ids must be integers"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            apply_checked(tiny_cfg, tiny_vars, bad)
+    with pytest.raises(TypeError, match=r"inside jit use LingModel\(config, checked=True\)"):
+        jax.eval_shape(lambda ids: apply_checked(tiny_cfg, tiny_vars, ids).logits, jnp.zeros((1, 4), jnp.int32))
+
+
+def test_apply_checked_equals_apply_on_valid_ids(tiny_cfg, tiny_vars):
+    from ling_jax.model import apply_checked
+
+    ids = _ids(tiny_cfg.vocab_size, (1, 4), seed=3)
+    checked = apply_checked(tiny_cfg, tiny_vars, ids, with_mtp=False)
+    plain = LingModel(tiny_cfg).apply(tiny_vars, ids, with_mtp=False)
+    np.testing.assert_array_equal(checked.logits, plain.logits)
+
+
+def test_more_tokens_than_positions_is_refused_at_trace_time(tiny_cfg, tiny_vars):
+    """Shapes are static, so the check costs nothing: eval_shape (no compile) already raises."""
+    model = LingModel(tiny_cfg)
+    limit = tiny_cfg.max_position_embeddings
+    fits = jax.eval_shape(lambda ids: model.apply(tiny_vars, ids).logits, jnp.zeros((1, limit), jnp.int32))
+    assert fits.shape == (1, limit, tiny_cfg.vocab_size)
+    with pytest.raises(ValueError, match=rf"input of {limit + 1} tokens exceeds max_position_embeddings={limit}"):
+        jax.eval_shape(lambda ids: model.apply(tiny_vars, ids).logits, jnp.zeros((1, limit + 1), jnp.int32))
+    cache = init_cache(tiny_cfg, 1, limit + 1)
+    with pytest.raises(ValueError, match=rf"a decode cache of {limit + 1} slots exceeds"):
+        jax.eval_shape(lambda ids: model.apply(tiny_vars, ids, cache=cache).logits, jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(TypeError, match=r"input_ids must be integer token ids, got dtype float32"):
+        jax.eval_shape(lambda ids: model.apply(tiny_vars, ids).logits, jnp.zeros((1, 4), jnp.float32))
