@@ -5,6 +5,7 @@ decay-emulating weights into a normal run directory (and optionally a HF checkpo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -95,6 +96,61 @@ def test_merge_needs_window_plus_one_checkpoints(short_run, tmp_path):
     assert proc.returncode != 0
     assert "--window 3 needs 4 checkpoints" in proc.stderr and "[2, 4, 6]" in proc.stderr
     assert not (tmp_path / "m").exists()
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its bytes (None for directories)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _refused(*args: str) -> str:
+    proc = run_cli("merge", *args, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.parametrize("window", ["0", "-3"])
+def test_merge_window_below_one_has_one_message(tmp_path, window):
+    stderr = _refused("--workdir", str(tmp_path / "run"), f"--window={window}", "--out", str(tmp_path / "m"))
+    assert f"--window must be at least 1 (the last K+1 checkpoints are merged), got {window}" in stderr
+    assert "needs" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_to_write_into_its_own_or_another_run(short_run, tmp_path):
+    """--out = --workdir, --out = another run (holding the merged step and later), --hf_out = a run
+    directory or a directory with a user's file: each refused before any work, every file kept."""
+    other = tmp_path / "other_run"
+    shutil.copytree(short_run, other)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    before = {d: _snapshot(d) for d in (short_run, other, user)}
+    base = ["--workdir", str(short_run), "--window", "1"]
+    cases = [
+        (["--out", str(short_run)], "is the --workdir"),
+        (["--out", str(other)], f"--out {other} is not empty ("),
+        (["--out", str(tmp_path / "m"), "--hf_out", str(short_run)], "is the --workdir"),
+        (["--out", str(tmp_path / "m"), "--hf_out", str(other)], "holds files that are not part of a HF checkpoint"),
+        (["--out", str(tmp_path / "m"), "--hf_out", str(user)], "(notes.txt)"),
+        (["--out", str(tmp_path / "m"), "--hf_out", str(tmp_path / "m")], "is the --out"),
+        (["--out", str(user / "m"), "--hf_out", str(user)], "lies inside --hf_out"),
+    ]
+    for extra, message in cases:
+        stderr = _refused(*base, *extra)
+        assert message in stderr, (extra, stderr)
+        assert {d: _snapshot(d) for d in before} == before, extra
+        assert not (tmp_path / "m").exists() and not (user / "m").exists()
+
+
+def test_merge_into_an_existing_empty_directory(short_run, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    run_cli("merge", "--workdir", str(short_run), "--window", "1", "--out", str(out))
+    from ling_jax.train.run_dir import checkpointer_for, load_experiment
+
+    assert checkpointer_for(out, load_experiment(out)).all_steps() == [6]
 
 
 @pytest.mark.slow
