@@ -21,6 +21,7 @@ from ling_jax.data import (
     read_text_files,
     split_documents,
     stdlib_corpus,
+    tokenize_documents,
 )
 
 DOCS = [
@@ -398,3 +399,21 @@ def test_train_iterator_state_in_orbax_checkpoint(rows, tmp_path):
     resumed = make_train_iterator(rows, global_batch_size=4, seed=1, process_index=0, process_count=1)
     resumed.set_state(restored)
     _assert_same_batches(_take(resumed, 3), expected)
+
+
+@pytest.mark.parametrize(
+    "bad_id, shown",
+    [(65541, "65541"), (-1, "-1"), (1.7, "integers")],  # 65541 would wrap to id 5 in the uint16 stream
+)
+def test_tokenized_corpus_ids_are_checked_before_packing(bad_id, shown):
+    class Broken:  # a tokenizer that emits one id outside its own vocabulary
+        vocab_size, eos_id, bos_id = 60000, 0, None
+
+        def encode(self, text):
+            return [3, bad_id] if text == "bad" else [3, 4]
+
+        def decode(self, ids):
+            return ""
+
+    with pytest.raises(ValueError, match=rf"tokenizer output for document 1: .*{shown}"):
+        tokenize_documents(["fine", "bad"], Broken())

@@ -48,8 +48,11 @@ def tokenize_documents(
     total = 0
     for chunk_start in range(0, len(docs), _ENCODE_CHUNK_DOCS):
         chunk = docs[chunk_start : chunk_start + _ENCODE_CHUNK_DOCS]
-        for ids in _encode_chunk(tokenizer, chunk):
-            doc_tokens = np.concatenate([np.asarray(ids).astype(dtype, copy=False), eos_1])
+        for i, ids in enumerate(_encode_chunk(tokenizer, chunk)):
+            # Checked before the cast to the stream dtype, which would wrap a bad id into the valid range.
+            ids = np.asarray(ids)
+            check_token_ids(ids, tokenizer.vocab_size, what=f"tokenizer output for document {chunk_start + i}")
+            doc_tokens = np.concatenate([ids.astype(dtype, copy=False), eos_1])
             if max_tokens is not None:
                 doc_tokens = doc_tokens[: max_tokens - total]
             pieces.append(doc_tokens)
