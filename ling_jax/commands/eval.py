@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from absl import flags
 
@@ -39,5 +40,19 @@ def main(argv):
     loss = evaluate(
         exp, state.params, state.expert_bias, data.heldout, eval_step, NamedSharding(mesh, batch_spec()), _BATCHES.value
     )
-    print(f"step {step}: held-out next-token loss {loss:.5f} nats/token")
-    print(json.dumps({"workdir": _WORKDIR.value, "step": step, "heldout_loss": loss}))
+    line, finite = result_json(_WORKDIR.value, step, loss)
+    if finite:
+        print(f"step {step}: held-out next-token loss {loss:.5f} nats/token")
+    print(line)
+    if not finite:
+        raise SystemExit(f"ling-jax eval: the held-out loss of step {step} in {_WORKDIR.value} is {loss} (not finite)")
+
+
+def result_json(workdir: str, step: int, loss: float) -> tuple[str, bool]:
+    """The result line (strict JSON: a non-finite loss is null with an "error") and whether the loss is finite."""
+    loss = float(loss)
+    result = {"workdir": str(workdir), "step": int(step), "heldout_loss": loss}
+    finite = math.isfinite(loss)
+    if not finite:
+        result.update(heldout_loss=None, error=f"held-out loss is not finite ({loss})")
+    return json.dumps(result, allow_nan=False), finite
