@@ -153,6 +153,17 @@ def test_merge_into_an_existing_empty_directory(short_run, tmp_path):
     assert checkpointer_for(out, load_experiment(out)).all_steps() == [6]
 
 
+def test_a_merge_that_fails_late_removes_only_what_it_wrote(short_run, tmp_path):
+    """--hf_out under a user's file passes the early checks but cannot be created: the merged run
+    directory written before is removed, the user's file and the source run are kept."""
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {d: _snapshot(d) for d in (short_run, tmp_path)}
+    out, hf_out = tmp_path / "m", tmp_path / "notes.txt" / "hf"
+    stderr = _refused("--workdir", str(short_run), "--window", "1", "--out", str(out), "--hf_out", str(hf_out))
+    assert f"--hf_out {hf_out}:" in stderr and f"{out} removed" in stderr
+    assert {d: _snapshot(d) for d in before} == before
+
+
 @pytest.mark.slow
 def test_wsm_merge_beats_the_last_checkpoint(tmp_path):
     """A constant-LR run (after warmup) on a tiny-ish model; the 1-sqrt merge of its last K+1 = 9

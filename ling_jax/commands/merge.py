@@ -78,7 +78,7 @@ def main(argv):
 
     import jax
 
-    from ling_jax.hf import save_checkpoint
+    from ling_jax.hf import CheckpointError, save_checkpoint
     from ling_jax.train.merge_weights import merge_coefficients, merge_pytrees
     from ling_jax.train.run_dir import checkpointer_for, load_experiment, restore
 
@@ -110,7 +110,10 @@ def main(argv):
         if written != [chosen[-1]]:
             _fail(f"the merged checkpoint (step {chosen[-1]}) was not written to {out}; it holds steps {written}")
         if hf_out is not None:
-            save_checkpoint(exp.model, jax.device_get(merged), hf_out)
+            try:
+                save_checkpoint(exp.model, jax.device_get(merged), hf_out)
+            except (CheckpointError, OSError) as e:
+                _fail(f"--hf_out {hf_out}: {e} (nothing was written; {out} removed)")
     except BaseException:
         _remove_written(out, created)
         raise
