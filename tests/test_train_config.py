@@ -256,3 +256,17 @@ def test_cli_vocab_smaller_than_tokenizer(tmp_path):
         tmp_path / "run", model={"vocab_size": 257, "pad_token_id": 0}, check=False, env={"JAX_LOG_COMPILES": "1"}
     )
     _fails_before_compiling(proc, "model.vocab_size=257", "(258", "data.tokenizer='byte'")
+
+
+@pytest.mark.parametrize(
+    "train, named",
+    [
+        ({"b2": -1.0}, "train.b2 must be in [0, 1), got -1.0"),
+        ({"seq_len": 65}, "train.seq_len (65) must be <= model.max_position_embeddings (64)"),
+    ],
+    ids=["negative-b2", "seq-len-above-positions"],
+)
+def test_cli_bad_training_settings_exit_2_before_compiling(tmp_path, train, named):
+    proc = train_cli(tmp_path / "run", train=train, check=False, env={"JAX_LOG_COMPILES": "1"})
+    _fails_before_compiling(proc, "ling-jax train: config error:", named)
+    assert not (tmp_path / "run").exists()
