@@ -39,6 +39,9 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(message if field is None else f"{field} {message}")
 
+    def __reduce__(self):  # picklable (e.g. across processes) with its field
+        return type(self), (self.message,) if self.field is None else (self.field, self.message)
+
     def within(self, section: str) -> ConfigError:
         """The same error with its field named from the experiment root (`rope_theta` -> `model.rope_theta`)."""
         if self.field is None:
@@ -54,6 +57,9 @@ class UnknownFieldsError(ConfigError):
         self.section = section
         super().__init__(f"unknown {section} config field(s): {', '.join(self.fields)}")
         self.field = self.fields[0]
+
+    def __reduce__(self):
+        return type(self), (self.fields, self.section)
 
     def within(self, section: str) -> UnknownFieldsError:
         return UnknownFieldsError([f"{section}.{f}" for f in self.fields], self.section)

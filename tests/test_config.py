@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import pickle
 from pathlib import Path
 
 import ml_collections
 import pytest
 
-from ling_jax.config import ConfigError, ModelConfig, RopeScaling
+from ling_jax.config import ConfigError, ModelConfig, RopeScaling, UnknownFieldsError
 from ling_jax.train.config import Experiment, base_config, experiment_from_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -279,6 +280,9 @@ def test_config_error_carries_field_and_rehomes_it():
     plain = ConfigError("a message about no single field")
     assert plain.field is None and str(plain) == "a message about no single field"
     assert str(plain.within("model")) == "model: a message about no single field"
+    for error in (e, plain, UnknownFieldsError(["model.zz"], "model")):
+        again = pickle.loads(pickle.dumps(error))
+        assert (type(again), again.field, str(again)) == (type(error), error.field, str(error))
 
 
 def test_experiment_names_model_fields_from_the_root():
@@ -301,8 +305,6 @@ def test_experiment_names_model_fields_from_the_root():
 
 
 def test_unknown_fields_carry_every_name():
-    from ling_jax.config import UnknownFieldsError
-
     with pytest.raises(UnknownFieldsError) as info:
         experiment_from_config({"model": {"hiden_size": 8, "zz": 1}})
     assert info.value.fields == ("model.hiden_size", "model.zz") and info.value.field == "model.hiden_size"
