@@ -23,6 +23,7 @@ import pytest
 
 from ling_jax.ops.dispatch import ExpertWeights
 from ling_jax.ops.dispatch_blocked import dispatch_blocked
+from ling_jax.ops.fp8 import fp8_impl
 from pallas_kernels.fp8_matmul import blockwise_fp8_matmul
 
 NAMES = ("y", "dx", "dweights", "dgate", "dup", "ddown")
@@ -124,7 +125,9 @@ def test_fp8_block_size_is_a_multiple_of_128():
         dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, block_size=64, fp8_impl="xla")
     with pytest.raises(ValueError, match="fp8_impl"):
         dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, fp8_impl="e5m2")
-    # "off" is the high-precision path (any block size), as a model's fp8 mode spells it.
-    y_off = dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, block_size=8, fp8_impl="off")
+    # The ops spell high precision None only; the config's "off" is converted in one place (fp8_impl).
+    with pytest.raises(ValueError, match="convert with ling_jax.ops.fp8.fp8_impl"):
+        dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, block_size=8, fp8_impl="off")
+    y_off = dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, block_size=8, fp8_impl=fp8_impl("off"))
     y_hp = dispatch_blocked(x_ND, ids_Nk, weights_Nk, experts, block_size=8)
     np.testing.assert_array_equal(np.asarray(y_off), np.asarray(y_hp))

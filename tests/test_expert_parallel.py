@@ -216,3 +216,43 @@ def test_uneven_splits_are_refused_with_the_sizes():
         expert_parallel_dispatch_with_stats(x, ids, w, experts, mesh=AbstractMesh((4,), ("expert",)))
     with pytest.raises(ValueError, match=r"5 tokens do not split evenly over token axes \('expert',\) \(3 shards\)"):
         expert_parallel_dispatch_with_stats(x, ids, w, experts, mesh=AbstractMesh((3,), ("expert",)))
+
+
+# A rules table with batch over (data, fsdp) only, experts over fsdp, the expert width unsplit: what a
+# change to ling_jax/sharding/rules.py looks like to the routed-expert shard_map.
+RULES_VARIANT = (
+    ("activation_batch", ("data", "fsdp")),
+    ("exp", "fsdp"),
+    ("mlp_moe", None),
+)
+
+
+def test_shard_map_specs_follow_the_rules_table():
+    import flax.linen as nn
+    from jax.sharding import AbstractMesh, PartitionSpec
+
+    from ling_jax.ops.expert_parallel import DispatchAxes, dispatch_axes, shard_specs, token_shards
+    from ling_jax.sharding.mesh import MESH_AXES
+
+    mesh = AbstractMesh((2, 2, 2, 2), MESH_AXES)
+    default = dispatch_axes(mesh)
+    assert default == DispatchAxes(("data", "fsdp", "expert"), "expert", "model")
+    assert shard_specs(*default) == (
+        PartitionSpec(("data", "fsdp", "expert"), None),
+        PartitionSpec("expert", None, "model"),
+        PartitionSpec("expert", "model", None),
+    )
+    assert token_shards(mesh) == 8
+    with nn.logical_axis_rules(RULES_VARIANT):  # the rules in force, as the train step traces under them
+        variant = dispatch_axes(mesh)
+        assert token_shards(mesh) == 4
+    assert variant == DispatchAxes(("data", "fsdp"), "fsdp", None) == dispatch_axes(mesh, RULES_VARIANT)
+    assert shard_specs(*variant) == (
+        PartitionSpec(("data", "fsdp"), None),
+        PartitionSpec("fsdp", None, None),
+        PartitionSpec("fsdp", None, None),
+    )
+    with pytest.raises(ValueError, match="'exp' maps to several mesh axes"):
+        dispatch_axes(mesh, (("activation_batch", "data"), ("exp", ("expert", "fsdp")), ("mlp_moe", None)))
+    with pytest.raises(KeyError, match="'mlp_moe' is not in the sharding rules"):
+        dispatch_axes(mesh, (("activation_batch", "data"), ("exp", "expert")))

@@ -100,3 +100,19 @@ def test_pallas_ops_per_shard_equal_one_device(measured, case):
 
 if __name__ == "__main__":
     print(json.dumps(_worker()))
+
+
+def test_row_split_follows_the_rules_table():
+    """`per_row_shard` splits rows over the mesh axes the rules table gives "activation_batch"."""
+    import flax.linen as nn
+    from jax.sharding import AbstractMesh
+
+    from ling_jax.ops.pallas_target import row_axes
+    from ling_jax.sharding.mesh import MESH_AXES
+
+    mesh = AbstractMesh((2, 2, 2, 1), MESH_AXES)
+    assert row_axes(mesh, 64) == ("data", "fsdp", "expert")
+    assert row_axes(mesh, 60) == ()  # 60 rows do not split 8 ways: replicated
+    with nn.logical_axis_rules((("activation_batch", ("data", "model")),)):
+        assert row_axes(mesh, 64) == ("data",)  # "model" has size 1
+        assert row_axes(mesh, 6) == ("data",)

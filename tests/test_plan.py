@@ -3,6 +3,7 @@ verdicts and exit codes, and (with libtpu) the ahead-of-time compile of the real
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -389,6 +390,30 @@ def test_plan_cli_tiny_compiles_for_v5p_and_fits():
     expected = result["model_flops_per_step"] + ep_padding - attention_skipped
     assert compiled["program_flops"] == pytest.approx(expected, rel=0.002)
     assert "compiled train step on mesh data=2 fsdp=2 expert=2 model=1" in proc.stdout
+
+
+def _compiled_function_names(hlo_text: str) -> set[str]:
+    """The Python functions the compiled HLO module's metadata names (its FunctionNames table)."""
+    table = hlo_text.split("\nFunctionNames\n", 1)[1].split("\n\n", 1)[0]
+    return {line.split(" ", 1)[1].strip('"') for line in table.splitlines() if " " in line}
+
+
+@needs_libtpu
+def test_fp8_plan_compiles_the_blocked_fp8_experts_a_tpu_run_uses():
+    """`plan` on an FP8 config: the compiled TPU program holds the blocked FP8 expert scan (FP8 operands),
+    not "ragged" (TPU's choice without FP8) with high-precision experts. Tiny, two layers, one MoE."""
+    from ling_jax.plan.compiled import lower_train_step
+    from ling_jax.plan.topology import topology_devices
+
+    exp = preset("tiny", mesh=TINY_MESH, train={"batch_size": 8, "seq_len": 64}, model={"fp8": "xla", "num_layers": 2})
+    exp = dataclasses.replace(exp, model=exp.model.replace(num_mtp_layers=0))
+    lowered = lower_train_step(exp, TINY_MESH, topology_devices(parse_topology("v5p:2x2x2")))
+    assert lowered.exp.model.moe_dispatch == "blocked"
+    text = lowered.lowered.compile().as_text()
+    functions = _compiled_function_names(text)
+    assert "blocked_moe_fp8" in functions, sorted(functions)
+    assert not {"dispatch_ragged", "dispatch_dense"} & functions
+    assert "f8e4m3fn" in text
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ling_jax.ops.fp8 import FP8_STATS, check_projection_equation, fp8_projection, quantization_stats
+from ling_jax.ops.fp8 import FP8_STATS, check_projection_equation, fp8_impl, fp8_projection, quantization_stats
 
 
 def param_with_axes(module: nn.Module, name: str, init_fn, shape: Sequence[int], axes: Sequence[str], dtype):
@@ -65,7 +65,7 @@ def projection(cfg, shape, axes, name: str, contract: int = 1) -> Einsum:
         cfg.jnp_dtype,
         cfg.jnp_param_dtype,
         cfg.init_std,
-        fp8=None if cfg.fp8 == "off" else cfg.fp8,
+        fp8=fp8_impl(cfg.fp8),
         contract=contract,
         name=name,
     )

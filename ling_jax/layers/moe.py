@@ -4,13 +4,14 @@ Routing (router logits, group-limited sigmoid top-k with the expert bias) runs o
 set as written, so GSPMD partitions it and `RouterStats.counts_E` are global sums: the aux-loss-free
 bias update is the same on every mesh. The routed experts then run per shard:
 
-- No mesh in context (`jax.sharding.get_abstract_mesh()` empty), or one whose batch axes
-  (ling_jax/sharding/rules.py BATCH_AXES: data, fsdp, expert) hold one device: `dispatch` on all
-  tokens, as on one device.
+- No mesh in context (`jax.sharding.get_abstract_mesh()` empty), or one whose batch axes (those
+  ling_jax/sharding/rules.py gives "activation_batch": data, fsdp, expert) hold one device:
+  `dispatch` on all tokens, as on one device.
 - Otherwise (e.g. the train step, which traces under `jax.set_mesh(mesh)`): `per_shard_dispatch`
   (ling_jax/ops/expert_parallel.py), a `jax.shard_map` in which every device dispatches only its
   own tokens, so the "ragged" / "blocked" expert sort covers n * k local assignments instead of the
-  global batch's N * k (which GSPMD cannot split). With mesh axis "expert" > 1 the experts stay
+  global batch's N * k (which GSPMD cannot split). The implementation is `select_moe_impl`'s, for
+  the devices the step is traced for. With mesh axis "expert" > 1 the experts stay
   split over it and tokens travel by all-to-all; otherwise every device gathers all experts'
   weights (sharded "embed_moe" -> fsdp). The expert width ("mlp_moe" -> model) stays split: each
   model-axis device computes its F-slice and the partial outputs are summed over "model".
@@ -30,12 +31,26 @@ from jax.ad_checkpoint import checkpoint_name
 from ling_jax.config import ModelConfig
 from ling_jax.layers.basic import param_with_axes
 from ling_jax.layers.mlp import MLP
-from ling_jax.ops.dispatch import ExpertWeights, default_dispatch, dispatch
+from ling_jax.ops.dispatch import ExpertWeights, Query, Selection, dispatch, kernel_built, select_impl, warn_fallback
 from ling_jax.ops.expert_parallel import ExpertParallelOutput, per_shard_dispatch, token_shards
-from ling_jax.ops.pallas_target import kernel_platform
+from ling_jax.ops.fp8 import fp8_impl
+from ling_jax.ops.pallas_target import Target, kernel_target
 from ling_jax.ops.routing import expert_counts, route
 
 EXPERT_BIAS = "expert_bias"  # variable collection of the aux-loss-free routing biases (float32)
+BIAS = "bias"  # the variable holding one MoE layer's biases [E] in EXPERT_BIAS
+
+
+def expert_query(cfg: ModelConfig, target: Target, built: bool | None = None) -> Query:
+    """What the routed-expert choice depends on for `cfg` on `target`: the experts run in the compute
+    dtype, in FP8 when `cfg.fp8` is on; `built` defaults to this machine's CPU kernel."""
+    return Query(target, cfg.jnp_dtype, fp8_impl(cfg.fp8), kernel_built() if built is None else built)
+
+
+def select_moe_impl(cfg: ModelConfig, target: Target, built: bool | None = None) -> Selection:
+    """The routed-expert implementation a model with `cfg` runs on `target` (`select_impl` over
+    `cfg.moe_dispatch`): what the MoE layer runs and what the planner compiles."""
+    return select_impl(cfg.moe_dispatch, expert_query(cfg, target, built))
 
 
 class RouterStats(NamedTuple):
@@ -94,7 +109,7 @@ class MoE(nn.Module):
 
         router_DE = param_with_axes(self, "router", normal, (D, E), ("embed", "router_exp"), jnp.float32)
         bias_E = self.variable(
-            EXPERT_BIAS, "bias", nn.with_logical_partitioning(jnp.zeros, ("router_exp",)), (E,), jnp.float32
+            EXPERT_BIAS, BIAS, nn.with_logical_partitioning(jnp.zeros, ("router_exp",)), (E,), jnp.float32
         ).value
         experts = ExpertWeights(
             param_with_axes(self, "gate_proj", normal, (E, D, F), ("exp", "embed_moe", "mlp_moe"), pdtype),
@@ -114,11 +129,10 @@ class MoE(nn.Module):
             impl=cfg.router_impl,
         )
         experts = ExpertWeights(*(w.astype(dtype) for w in experts))
-        # "auto" follows the platform the step is traced for (a TPU topology mesh on a CPU host: TPU's), except
-        # in FP8 mode, where it is "blocked", the dispatch with FP8 routed experts.
-        impl = cfg.moe_dispatch
-        if impl == "auto":
-            impl = "blocked" if cfg.fp8 != "off" else default_dispatch(kernel_platform())
+        # The choice follows the devices the step is traced for (a TPU topology mesh on a CPU host: TPU's),
+        # the compute dtype and the FP8 mode (`select_moe_impl`; the planner makes the same call).
+        fp8 = fp8_impl(cfg.fp8)
+        impl = warn_fallback(select_moe_impl(cfg, kernel_target()))
         y_ND, dropped = routed_experts(
             x_ND.astype(dtype),
             ids_Nk,
@@ -126,7 +140,7 @@ class MoE(nn.Module):
             experts,
             impl=impl,
             capacity_factor=cfg.expert_capacity_factor,
-            fp8_impl=cfg.fp8,
+            fp8_impl=fp8,
         )
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.num_shared_experts:

@@ -52,6 +52,7 @@ from ling_jax.ops.blocked_layout import (
     take_rows,
     zeros_varying,
 )
+from ling_jax.ops.fp8 import check_fp8_impl
 from shard_typing import reduce_to_varying, varying_axes
 
 # Rows per loop step: small blocks are grouped P = max(1, STEP_ROWS // b) to a step and multiplied as one
@@ -214,15 +215,14 @@ def dispatch_blocked(
     `auto_block_size`. Exact (equal to "dense" to float tolerance), dropless, differentiable in x,
     weights and expert weights.
 
-    `fp8_impl` "xla" or "pallas" (a model's `fp8` mode; None or "off" = high precision) runs every expert
+    `fp8_impl` "xla" or "pallas" (None: high precision; `ling_jax.ops.fp8.fp8_impl` converts a config's
+    `fp8` mode) runs every expert
     GEMM, forward and backward, in blockwise FP8 (ling_jax/ops/dispatch_blocked_fp8.py); the block
     size is then a multiple of 128 (None: `auto_block_size` rounded up).
     """
     N, k = ids_Nk.shape
     E = experts[0].shape[0]
-    fp8 = None if fp8_impl in (None, "off") else fp8_impl
-    if fp8 is not None and fp8 not in ("xla", "pallas"):
-        raise ValueError(f"fp8_impl must be None, 'off', 'xla' or 'pallas', got {fp8_impl!r}")
+    fp8 = check_fp8_impl(fp8_impl)
     if fp8 is not None:
         b = dispatch_blocked_fp8.fp8_block_size(auto_block_size(N * k, E), block_size)
     else:

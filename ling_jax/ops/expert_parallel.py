@@ -1,7 +1,9 @@
 """Per-shard routed-expert dispatch: what the MoE layer (ling_jax/layers/moe.py) runs under a mesh.
 
 `per_shard_dispatch` wraps the dispatch in `jax.shard_map` so that every device sorts and dispatches
-only its own tokens (split over the batch axes data / fsdp / expert). Two cases:
+only its own tokens (split over the batch axes data / fsdp / expert). The shard_map specs come from
+the logical axis names through the sharding rules table (`dispatch_axes`: tokens "activation_batch",
+experts "exp", expert width "mlp_moe"), so editing ling_jax/sharding/rules.py reaches them. Two cases:
 
 - mesh axis "expert" > 1: expert parallelism, below (`expert_parallel_dispatch_with_stats`).
 - otherwise every device holds all E experts: shard_map's in_specs ask for the full expert and
@@ -70,9 +72,35 @@ from jax import lax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from ling_jax.ops.dispatch import ExpertWeights, dispatch
-from ling_jax.sharding.rules import BATCH_AXES
+from ling_jax.sharding.rules import mesh_axes, single_mesh_axis
 
 _NATIVE_EMPTY_SLOTS = ("blocked", "dense")  # local impls that treat an out-of-range id as "no expert"
+
+
+class DispatchAxes(NamedTuple):
+    """Mesh axes of the routed-expert shard_map, from the logical names through the rules table."""
+
+    tokens: tuple[str, ...]  # "activation_batch": the tokens' dimension 0
+    expert: str | None  # "exp": the experts (expert parallelism when its size is > 1)
+    model: str | None  # "mlp_moe": the experts' hidden width F
+
+
+def dispatch_axes(mesh: Mesh | AbstractMesh, rules=None) -> DispatchAxes:
+    """The mesh axes of `mesh` the rules (default: those in force, `ling_jax.sharding.rules.active_rules`)
+    give the tokens, the experts and their width."""
+    names = mesh.axis_names
+    return DispatchAxes(
+        mesh_axes("activation_batch", names, rules),
+        single_mesh_axis("exp", names, rules),
+        single_mesh_axis("mlp_moe", names, rules),
+    )
+
+
+def shard_specs(token_axes: Sequence[str], expert_axis: str | None, model_axis: str | None):
+    """shard_map specs: tokens [N, ...] split over `token_axes`; gate / up [E, D, F] and down [E, F, D]
+    with E over `expert_axis` and F over `model_axis` (None: whole)."""
+    token_spec = PartitionSpec(tuple(token_axes), None)
+    return token_spec, PartitionSpec(expert_axis, None, model_axis), PartitionSpec(expert_axis, model_axis, None)
 
 
 class ExpertParallelOutput(NamedTuple):
@@ -172,8 +200,8 @@ def expert_parallel_dispatch_with_stats(
     experts: ExpertWeights,
     *,
     mesh: Mesh | AbstractMesh,
-    expert_axis: str = "expert",
-    token_axes: Sequence[str] = BATCH_AXES,
+    expert_axis: str | None = None,
+    token_axes: Sequence[str] | None = None,
     local_impl: str = "blocked",
     block_size: int | None = None,
     capacity_factor: float | None = None,
@@ -184,15 +212,20 @@ def expert_parallel_dispatch_with_stats(
     of dropped assignments (see module docstring). Call under `jax.jit`; inputs are global arrays.
 
     Token arrays are split over the axes of `token_axes` present in `mesh` (dimension 0; they must
-    include `expert_axis`), the three expert weight arrays over `expert_axis` (dimension 0); mesh axes
-    in neither are replicated (expert weights sharded elsewhere, e.g. over fsdp, are gathered by
-    shard_map at entry). ids must lie in [0, E).
+    include `expert_axis`; either left None comes from the rules table, `dispatch_axes`), the three
+    expert weight arrays over `expert_axis` (dimension 0); mesh axes in neither are replicated
+    (expert weights sharded elsewhere, e.g. over fsdp, are gathered by shard_map at entry). ids must
+    lie in [0, E).
 
     `model_axis` (a mesh axis, or None): the experts' hidden width F stays split over it (gate / up
     [El, D, F / m], down [El, F / m, D]); tokens are replicated over it, every device computes its
     F-slice of each expert and the partial outputs are summed with one `psum` over `model_axis`
     (tensor parallelism inside the experts, exact up to summation order). `fp8_impl`: see `dispatch`.
     """
+    if expert_axis is None or token_axes is None:
+        axes = dispatch_axes(mesh)
+        expert_axis = axes.expert if expert_axis is None else expert_axis
+        token_axes = axes.tokens if token_axes is None else token_axes
     if expert_axis not in mesh.axis_names:
         raise ValueError(f"expert_axis {expert_axis!r} is not an axis of the mesh {mesh.axis_names}")
     tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
@@ -234,8 +267,7 @@ def expert_parallel_dispatch_with_stats(
             y_nD = lax.psum(y_nD, model_axis)
         return y_nD, lax.psum(dropped, tok_axes)
 
-    token_spec = PartitionSpec(tok_axes, None)
-    in_EDF, out_EFD = PartitionSpec(expert_axis, None, model_axis), PartitionSpec(expert_axis, model_axis, None)
+    token_spec, in_EDF, out_EFD = shard_specs(tok_axes, expert_axis, model_axis)
     y_ND, dropped = jax.shard_map(
         per_device,
         mesh=mesh,
@@ -245,8 +277,12 @@ def expert_parallel_dispatch_with_stats(
     return ExpertParallelOutput(y_ND, dropped)
 
 
-def token_shards(mesh: Mesh | AbstractMesh, token_axes: Sequence[str] = BATCH_AXES) -> int:
-    """How many ways `mesh` splits the tokens: the product of its `token_axes` sizes (1 without a mesh)."""
+def token_shards(mesh: Mesh | AbstractMesh, token_axes: Sequence[str] | None = None) -> int:
+    """How many ways `mesh` splits the tokens: the product of its `token_axes` sizes (None: the rules'
+    "activation_batch" axes; 1 without a mesh)."""
+    if mesh.empty:
+        return 1
+    token_axes = dispatch_axes(mesh).tokens if token_axes is None else token_axes
     return math.prod(mesh.shape[a] for a in token_axes if a in mesh.axis_names) if not mesh.empty else 1
 
 
@@ -263,9 +299,9 @@ def per_shard_dispatch(
     *,
     mesh: Mesh | AbstractMesh,
     impl: str,
-    token_axes: Sequence[str] = BATCH_AXES,
-    expert_axis: str = "expert",
-    model_axis: str = "model",
+    token_axes: Sequence[str] | None = None,
+    expert_axis: str | None = None,
+    model_axis: str | None = None,
     block_size: int | None = None,
     capacity_factor: float | None = None,
     fp8_impl: str | None = None,
@@ -274,6 +310,7 @@ def per_shard_dispatch(
     each device dispatching only its own tokens (`jax.shard_map`; call under `jax.jit`, inputs are
     global arrays).
 
+    `token_axes`, `expert_axis`, `model_axis` left None come from the rules table (`dispatch_axes`).
     Tokens are split over the `token_axes` present in `mesh`. With `expert_axis` of size > 1 the
     experts are split over it and exchanged with all-to-all (`expert_parallel_dispatch_with_stats`,
     local dispatch `impl`); otherwise every device holds all E experts (shard_map gathers weights
@@ -283,10 +320,14 @@ def per_shard_dispatch(
     `capacity_factor` applies to expert parallelism only (module docstring; None: dropless); without
     it nothing is dropped. `fp8_impl`: see `dispatch`.
     """
+    axes = dispatch_axes(mesh)
+    token_axes = axes.tokens if token_axes is None else token_axes
+    expert_axis = axes.expert if expert_axis is None else expert_axis
+    model_axis = axes.model if model_axis is None else model_axis
     tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
     use_model = model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes
     model = model_axis if use_model else None
-    if expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
+    if expert_axis is not None and expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
         return expert_parallel_dispatch_with_stats(
             x_ND,
             ids_Nk,
@@ -315,8 +356,7 @@ def per_shard_dispatch(
         )
         return lax.psum(y_nD, model) if model is not None else y_nD
 
-    token_spec = PartitionSpec(tok_axes, None)
-    in_EDF, out_EFD = PartitionSpec(None, None, model), PartitionSpec(None, model, None)
+    token_spec, in_EDF, out_EFD = shard_specs(tok_axes, None, model)
     y_ND = jax.shard_map(
         per_device,
         mesh=mesh,

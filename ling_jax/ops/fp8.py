@@ -21,6 +21,24 @@ from pallas_kernels.fp8_matmul import reference as fp8_reference
 from pallas_kernels.fp8_matmul.config import QUANT_BLOCK
 
 FP8_STATS = "fp8_stats"  # variable collection the statistics are sown into
+FP8_IMPLS = ("xla", "pallas")  # what the ops take; None is high precision
+CONFIG_FP8_OFF = "off"  # how the model config (ling_jax/config.py FP8_MODES) spells high precision
+
+
+def fp8_impl(mode: str) -> str | None:
+    """The ops' FP8 argument for a config's `fp8` mode: "off" -> None, "xla" / "pallas" unchanged.
+    The one place the config's spelling meets the ops'."""
+    if mode == CONFIG_FP8_OFF:
+        return None
+    return check_fp8_impl(mode)
+
+
+def check_fp8_impl(impl: str | None) -> str | None:
+    """`impl` if the ops take it (None, "xla", "pallas"), else ValueError saying what to pass."""
+    if impl is not None and impl not in FP8_IMPLS:
+        hint = " (the config's 'off' is None here: convert with ling_jax.ops.fp8.fp8_impl)" if impl == "off" else ""
+        raise ValueError(f"fp8_impl must be None, 'xla' or 'pallas', got {impl!r}{hint}")
+    return impl
 
 
 def fp8_config() -> Fp8MatmulConfig:

@@ -20,17 +20,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ling_jax.ops.pallas_target import kernel_target
+
 # Tiles of the Mosaic-GPU kernels (wgmma: M tile 64 or 128; K tile 64 bf16 = one 128-byte swizzle row).
 MGPU_TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 MGPU_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def is_hopper() -> bool:
-    """Whether the default backend is a Hopper GPU (compute capability 9.x)."""
-    if jax.default_backend() != "gpu":
-        return False
-    capability = getattr(jax.devices()[0], "compute_capability", "")
-    return str(capability).startswith("9.")
+    """Whether the traced program targets a Hopper GPU (compute capability 9.x; `kernel_target()`:
+    the context mesh's devices, else the default device)."""
+    return kernel_target().is_hopper
 
 
 def mgpu_supported(lhs_MK: jax.Array, rhs_GKN: jax.Array) -> bool:

@@ -6,7 +6,8 @@ CPU host for a TPU topology mesh lowers the Mosaic kernels instead of interpreti
 
 Partitioning. A Mosaic kernel cannot be partitioned by GSPMD ("wrap the call in a shard_map"), so
 under a multi-device mesh `per_row_shard` runs a row-wise op per device in a `jax.shard_map`: the
-rows (tokens) split over the batch axes (data, fsdp, expert), the other operands replicated on every
+rows (tokens) split over the mesh axes the rules table gives "activation_batch" (data, fsdp, expert),
+the other operands replicated on every
 device (a weight is gathered, as FSDP gathers it for any matmul; its gradient is summed over the
 devices by the shard_map's transpose). Devices of the "model" axis hold the same rows and compute
 the same result (no tensor parallelism inside a kernel call). Rows that do not split evenly run
@@ -18,19 +19,63 @@ training), which changes it by FP8 rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable
 
 import jax
 from jax.sharding import PartitionSpec as P
 
-from ling_jax.sharding.rules import BATCH_AXES
+from ling_jax.sharding.rules import mesh_axes
+
+# NVIDIA Hopper (compute capability 9.x) device kinds: "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 ...".
+_HOPPER_KIND = re.compile(r"\bG?H(100|200|800|20)\b")
+_PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The devices a traced program is compiled for: platform ("cpu", "gpu", "tpu") and device kind
+    (e.g. "TPU v5p", "NVIDIA H100 80GB HBM3"; "" where unknown)."""
+
+    platform: str
+    device_kind: str = ""
+
+    def __post_init__(self):
+        platform = _PLATFORM_ALIASES.get(self.platform.lower(), self.platform.lower())
+        if platform not in ("cpu", "gpu", "tpu"):
+            raise ValueError(f"unknown platform {self.platform!r}; expected 'cpu', 'gpu' or 'tpu'")
+        object.__setattr__(self, "platform", platform)
+
+    @property
+    def is_hopper(self) -> bool:
+        """An NVIDIA Hopper GPU (compute capability 9.x), judged from the device kind."""
+        return self.platform == "gpu" and _HOPPER_KIND.search(self.device_kind) is not None
+
+    @classmethod
+    def of_device(cls, device) -> Target:
+        """The target of a device (a jax.Device, a topology's device or a mesh's AbstractDevice)."""
+        return cls(device.platform, getattr(device, "device_kind", "") or "")
+
+
+def kernel_target() -> Target:
+    """The target of the traced program: the context mesh's devices (a TPU topology mesh on a CPU
+    host: TPU), else the default device."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return Target.of_device(device if device is not None else jax.devices()[0])
 
 
 def kernel_platform() -> str:
     """Platform the traced program targets: the context mesh's devices, else the default backend."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+    return kernel_target().platform
+
+
+def row_axes(mesh, num_rows: int) -> tuple[str, ...]:
+    """The mesh axes `per_row_shard` splits `num_rows` rows over: those the rules table gives
+    "activation_batch" that have size > 1, or none when the rows do not split evenly over them."""
+    axes = tuple(a for a in mesh_axes("activation_batch", mesh.axis_names) if mesh.shape[a] > 1)
+    return () if num_rows % math.prod(mesh.shape[a] for a in axes) else axes
 
 
 def pallas_interpret() -> bool | None:
@@ -45,10 +90,7 @@ def per_row_shard(fn: Callable, rows: tuple, replicated: tuple = ()):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         return fn(*rows, *replicated)
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if rows[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
-        axes = ()
-    row_spec = P(axes or None)
+    row_spec = P(row_axes(mesh, rows[0].shape[0]) or None)
     out_shape = jax.eval_shape(fn, *rows, *replicated)
     return jax.shard_map(
         fn,

@@ -15,9 +15,10 @@ Figures reported (all per device, as the compiler sees one SPMD partition):
 A compile that runs out of HBM raises RESOURCE_EXHAUSTED; it is returned as `error`, with the
 required bytes the compiler reports.
 
-`moe_dispatch="auto"` picks the implementation from `jax.default_backend()` at trace time, which on
-a CPU host compiling for TPU is "cpu"; `resolve_dispatch` fixes it to what a run on the target
-platform would use, so the compiled program is the one that platform would run.
+The routed-expert implementation is chosen by the MoE layer's own selector
+(`ling_jax.layers.moe.select_moe_impl`) for the devices the step is traced for, so the compiled
+program is the one a run on the target would run (FP8 included); `resolve_dispatch` writes that
+choice into the experiment, so the analytic figures describe the same implementation.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from ling_jax.ops.dispatch import default_dispatch
+from ling_jax.data.batch import BATCH_DTYPES
+from ling_jax.layers.moe import select_moe_impl
+from ling_jax.ops.dispatch import warn_fallback
+from ling_jax.ops.pallas_target import Target
 from ling_jax.plan.analytic import path_text
 from ling_jax.plan.program_flops import ProgramFlops, program_flops
 from ling_jax.sharding import batch_spec, build_mesh
@@ -40,14 +44,6 @@ from ling_jax.train.config import Experiment
 from ling_jax.train.state import make_optimizer, state_shardings
 from ling_jax.train.step import make_train_step
 
-# The train step's batch (ling_jax/train/step.py `Batch`, built by ling_jax/data/packing.py).
-BATCH_DTYPES = {
-    "inputs": jnp.int32,
-    "targets": jnp.int32,
-    "segment_ids": jnp.int32,
-    "positions": jnp.int32,
-    "loss_mask": jnp.float32,
-}
 _REQUIRED = re.compile(r"required for [^(]*\(([\d.]+)([KMGTP]?)\)")
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
@@ -78,14 +74,19 @@ class CompiledPlan:
     required_bytes: int | None = None  # what the compiler said it needed, when it ran out
 
 
-def resolve_dispatch(exp: Experiment, platform: str) -> Experiment:
-    """`exp` with moe_dispatch "auto" replaced by the choice a run on `platform` makes."""
-    if exp.model.moe_dispatch != "auto":
+def resolve_dispatch(exp: Experiment, target: Target | str) -> Experiment:
+    """`exp` with moe_dispatch set to the implementation a run on `target` (a Target, or a platform
+    name) runs: "auto" resolved, an explicit request that cannot run there replaced by its fallback
+    (with the MoE layer's warning)."""
+    target = Target(target) if isinstance(target, str) else target
+    impl = warn_fallback(select_moe_impl(exp.model, target))
+    if impl == exp.model.moe_dispatch:
         return exp
-    return dataclasses.replace(exp, model=exp.model.replace(moe_dispatch=default_dispatch(platform)))
+    return dataclasses.replace(exp, model=exp.model.replace(moe_dispatch=impl))
 
 
 def abstract_batch(batch_size: int, seq_len: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The train step's batch (ling_jax/data/batch.py) as sharded abstract [B, T] arrays."""
     sharding = NamedSharding(mesh, batch_spec())
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sharding) for k, dt in BATCH_DTYPES.items()}
 
@@ -100,9 +101,18 @@ def _required_bytes(message: str) -> int | None:
     return int(float(match.group(1)) * _UNIT[match.group(2)]) if match else None
 
 
-def compile_train_step(exp: Experiment, mesh_sizes: dict[str, int], devices) -> CompiledPlan:
-    """Lowers and compiles `exp`'s train step over `devices` with mesh axes `mesh_sizes`."""
-    exp = resolve_dispatch(exp, devices[0].platform)
+class LoweredStep(NamedTuple):
+    exp: Experiment  # with moe_dispatch resolved for the devices
+    mesh: jax.sharding.Mesh
+    abstract: object  # the abstract train state
+    traced: object  # jax.stages.Traced
+    lowered: jax.stages.Lowered
+    lower_seconds: float
+
+
+def lower_train_step(exp: Experiment, mesh_sizes: dict[str, int], devices) -> LoweredStep:
+    """Traces and lowers `exp`'s train step over `devices` with mesh axes `mesh_sizes`, as training does."""
+    exp = resolve_dispatch(exp, Target.of_device(devices[0]))
     mesh = build_mesh(mesh_sizes, devices)
     optimizer = make_optimizer(exp.train)
     abstract, shardings = state_shardings(exp.model, optimizer, mesh)
@@ -113,9 +123,15 @@ def compile_train_step(exp: Experiment, mesh_sizes: dict[str, int], devices) -> 
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         traced = step.jitted.trace(state, batch)
         lowered = traced.lower()
+    return LoweredStep(exp, mesh, abstract, traced, lowered, time.perf_counter() - start)
+
+
+def compile_train_step(exp: Experiment, mesh_sizes: dict[str, int], devices) -> CompiledPlan:
+    """Lowers and compiles `exp`'s train step over `devices` with mesh axes `mesh_sizes`."""
+    exp, mesh, abstract, traced, lowered, lower_seconds = lower_train_step(exp, mesh_sizes, devices)
     lowered_at = time.perf_counter()
     flops = program_flops(traced.jaxpr)
-    base = dict(mesh_shape=dict(mesh.shape), lower_seconds=lowered_at - start, program=flops)
+    base = dict(mesh_shape=dict(mesh.shape), lower_seconds=lower_seconds, program=flops)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:

@@ -36,6 +36,34 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def active_rules() -> tuple:
+    """The rules in force: flax's `nn.logical_axis_rules` context (the train and eval steps trace
+    inside it), else LOGICAL_AXIS_RULES."""
+    return tuple(nn.get_logical_axis_rules()) or LOGICAL_AXIS_RULES
+
+
+def mesh_axes(logical: str, mesh_axis_names, rules=None) -> tuple[str, ...]:
+    """The mesh axes that logical axis `logical` maps to under `rules` (default: `active_rules()`),
+    keeping only those in `mesh_axis_names`: e.g. "activation_batch" -> ("data", "fsdp", "expert").
+    shard_map specs are built from these, so editing the table reaches them. Raises KeyError for a
+    logical name the rules do not list."""
+    rules = active_rules() if rules is None else rules
+    for name, value in rules:
+        if name == logical:
+            axes = () if value is None else (value,) if isinstance(value, str) else tuple(value)
+            return tuple(a for a in axes if a in tuple(mesh_axis_names))
+    raise KeyError(f"logical axis {logical!r} is not in the sharding rules ({[n for n, _ in rules]})")
+
+
+def single_mesh_axis(logical: str, mesh_axis_names, rules=None) -> str | None:
+    """The one mesh axis `logical` maps to (None: unsplit); ValueError when the rules split it over
+    several, which the expert-parallel exchange and the expert-width psum do not support."""
+    axes = mesh_axes(logical, mesh_axis_names, rules)
+    if len(axes) > 1:
+        raise ValueError(f"logical axis {logical!r} maps to several mesh axes {axes}; the routed experts need one")
+    return axes[0] if axes else None
+
+
 def batch_spec() -> PartitionSpec:
     """[B, T] input arrays: batch over (data, fsdp, expert), time unsplit."""
     return PartitionSpec(BATCH_AXES, None)

@@ -28,6 +28,7 @@ from jax import lax
 
 from pallas_kernels.fp8_matmul.config import QUANT_BLOCK
 from pallas_kernels.fp8_matmul.quantize import quantize_blocks, quantize_tiles
+from shard_typing import varying_axes
 
 
 class ScaledGemm(Protocol):
@@ -89,7 +90,11 @@ def scaled_matmul_reference(
         part_MN = lax.dot_general(a_MQ, b_QN, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return acc_MN + part_MN * (a_s_M[:, None] * b_s_N[None, :]), None
 
-    acc_MN, _ = lax.scan(step, jnp.zeros((m, n), jnp.float32), (a_q_KbMQ, b_q_KbQN, a_s_KbM, b_s_KbN))
+    init_MN = jnp.zeros((m, n), jnp.float32)
+    vma = varying_axes(a_q_MKp, a_s_MKb, b_q_KpN, b_s)
+    if vma:  # inside jax.shard_map the carry varies along the operands' mesh axes
+        init_MN = lax.pcast(init_MN, tuple(sorted(vma)), to="varying")
+    acc_MN, _ = lax.scan(step, init_MN, (a_q_KbMQ, b_q_KbQN, a_s_KbM, b_s_KbN))
     return acc_MN.astype(out_dtype)
 
 
