@@ -32,9 +32,9 @@ from jax.experimental import checkify
 from ling_jax.config import ModelConfig
 from ling_jax.layers.attention import KVCache, attention_mask
 from ling_jax.layers.basic import RMSNorm, param_with_axes
-from ling_jax.layers.decoder import ACTIVATION_AXES, MTPLayer
+from ling_jax.layers.decoder import ACTIVATION_AXES, MTPLayer, mtp_name
 from ling_jax.layers.moe import RouterStats
-from ling_jax.layers.stack import LayerStack
+from ling_jax.layers.stack import LayerStack, stack_name
 from ling_jax.ops.fp8 import FP8_STATS, fp8_projection, quantization_stats
 from ling_jax.ops.rope import rope_cos_sin
 
@@ -142,7 +142,7 @@ class LingModel(nn.Module):
                 caches[name] = None
                 continue
             layer_cache = None if cache is None else getattr(cache, name)
-            x_BTD, (h_LBTD, stats, caches[name]) = LayerStack(cfg, is_moe, n, name=f"{name}_stack")(
+            x_BTD, (h_LBTD, stats, caches[name]) = LayerStack(cfg, is_moe, n, name=stack_name(name))(
                 x_BTD, *common, layer_cache
             )
             hidden.append(h_LBTD)
@@ -185,7 +185,7 @@ class LingModel(nn.Module):
             for i in range(cfg.num_mtp_layers):
                 # As the reference: ids shifted left by one more per MTP layer, vacated slots get id 0.
                 ids_BT = jnp.concatenate([ids_BT[:, 1:], jnp.zeros((B, 1), ids_BT.dtype)], axis=1)
-                h_BTD, stats = MTPLayer(cfg, name=f"mtp_{i}")(
+                h_BTD, stats = MTPLayer(cfg, name=mtp_name(i))(
                     embed(ids_BT), h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT
                 )
                 outs.append((h_BTD, stats))
@@ -209,6 +209,11 @@ class LingModel(nn.Module):
         )
 
 
+def init_ids(batch_size: int = 1, seq_len: int = 8) -> jax.Array:
+    """The dummy token ids [B, T] `LingModel.init` runs on (variable shapes do not depend on them)."""
+    return jnp.zeros((batch_size, seq_len), jnp.int32)
+
+
 def apply_checked(config: ModelConfig, variables, input_ids_BT, *args, **kwargs) -> LingOutput:
     """`LingModel(config).apply(variables, input_ids_BT, ...)` after checking on the host that every
     id is an integer in [0, vocab_size) (ValueError naming the first bad id and its position).
@@ -229,12 +234,10 @@ def apply_checked(config: ModelConfig, variables, input_ids_BT, *args, **kwargs)
 
 def init_variables(config: ModelConfig, rng: jax.Array, batch_size: int = 1, seq_len: int = 8):
     """Initialised variables ({"params", "expert_bias"}) as plain arrays (logical-axis boxes removed)."""
-    ids = jnp.zeros((batch_size, seq_len), jnp.int32)
-    return nn.unbox(LingModel(config).init(rng, ids))
+    return nn.unbox(LingModel(config).init(rng, init_ids(batch_size, seq_len)))
 
 
 def logical_axes(config: ModelConfig, batch_size: int = 1, seq_len: int = 8):
     """The logical axis names of every variable, as a pytree of PartitionSpecs (no allocation)."""
-    ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda: LingModel(config).init(jax.random.key(0), jnp.zeros(ids.shape, ids.dtype)))
+    boxed = jax.eval_shape(lambda: LingModel(config).init(jax.random.key(0), init_ids(batch_size, seq_len)))
     return nn.get_partition_spec(boxed)

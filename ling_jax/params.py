@@ -6,12 +6,11 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
 from ling_jax.config import ModelConfig
-from ling_jax.model import LingModel
+from ling_jax.model import LingModel, init_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +31,7 @@ class ParamCounts:
 
 
 def abstract_params(config: ModelConfig):
-    ids = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: LingModel(config).init(jax.random.key(0), ids))
+    shapes = jax.eval_shape(lambda: LingModel(config).init(jax.random.key(0), init_ids()))
     return nn.unbox(shapes)["params"]
 
 

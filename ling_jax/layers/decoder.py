@@ -15,6 +15,13 @@ from ling_jax.layers.mlp import MLP
 from ling_jax.layers.moe import MoE
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+MOE = "moe"  # a DecoderLayer's MoE block
+MTP_DECODER = "layer"  # an MTPLayer's decoder layer
+
+
+def mtp_name(i: int) -> str:
+    """The model's MTP layer i."""
+    return f"mtp_{i}"
 
 
 class DecoderLayer(nn.Module):
@@ -36,7 +43,7 @@ class DecoderLayer(nn.Module):
         x_BTD = x_BTD + attn_BTD
         h_BTD = RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="post_attention_norm")(x_BTD)
         if self.is_moe:
-            ffn_BTD, stats = MoE(cfg, name="moe")(h_BTD, token_mask_BT)
+            ffn_BTD, stats = MoE(cfg, name=MOE)(h_BTD, token_mask_BT)
         else:
             ffn_BTD, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(h_BTD), None
         x_BTD = nn.with_logical_constraint(x_BTD + ffn_BTD, ACTIVATION_AXES)
@@ -58,7 +65,7 @@ class MTPLayer(nn.Module):
         eh_BT2D = jnp.concatenate([e_BTD, h_BTD], axis=-1)
         D = cfg.hidden_size
         z_BTD = projection(cfg, (2 * D, D), ("embed_concat", "embed"), "eh_proj")("BTC,CD->BTD", eh_BT2D)
-        z_BTD, (_, stats, _) = DecoderLayer(cfg, is_moe=True, name="layer")(
+        z_BTD, (_, stats, _) = DecoderLayer(cfg, is_moe=True, name=MTP_DECODER)(
             z_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, None, None
         )
         return RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="final_norm")(z_BTD), stats

@@ -12,6 +12,21 @@ from ling_jax.layers.decoder import DecoderLayer
 from ling_jax.layers.moe import EXPERT_BIAS
 from ling_jax.ops.fp8 import FP8_STATS
 
+SCANNED_LAYERS = "layers"  # the one scanned layer module of a stack (scan_layers), stacked over depth
+
+
+def layer_name(i: int) -> str:
+    """Layer i of an unrolled stack (scan_layers off)."""
+    return f"{SCANNED_LAYERS}_{i}"
+
+
+def stack_name(kind: str) -> str:
+    """The LayerStack module of one kind of layer ("dense", "moe") in the model."""
+    return f"{kind}_stack"
+
+
+MOE_STACK = stack_name("moe")  # the MoE layers' stack, holding every main-model expert bias
+
 
 def remat_policy(name: str):
     """Maps config.remat_policy to a jax.checkpoint policy (None = save nothing)."""
@@ -43,12 +58,12 @@ class LayerStack(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * len(broadcast) + (0,),
                 length=self.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
+                metadata_params={nn.PARTITION_NAME: "layers"},  # the logical axis name (rules table)
             )
-            return scanned(cfg, self.is_moe, name="layers")(x_BTD, *broadcast, cache_L)
+            return scanned(cfg, self.is_moe, name=SCANNED_LAYERS)(x_BTD, *broadcast, cache_L)
         per_layer = []
         for i in range(self.num_layers):
             cache = None if cache_L is None else jax.tree.map(lambda c: c[i], cache_L)
-            x_BTD, ys = layer_cls(cfg, self.is_moe, name=f"layers_{i}")(x_BTD, *broadcast, cache)
+            x_BTD, ys = layer_cls(cfg, self.is_moe, name=layer_name(i))(x_BTD, *broadcast, cache)
             per_layer.append(ys)
         return x_BTD, jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)

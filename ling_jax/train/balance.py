@@ -12,18 +12,22 @@ import jax
 import jax.numpy as jnp
 
 from ling_jax.config import ModelConfig
+from ling_jax.layers.decoder import MOE, MTP_DECODER, mtp_name
+from ling_jax.layers.moe import BIAS
+from ling_jax.layers.stack import MOE_STACK, SCANNED_LAYERS, layer_name
 
 
 def counts_like_bias(cfg: ModelConfig, counts_main_LE, counts_mtp_ME) -> dict:
-    """Arranges per-layer counts into the `expert_bias` collection's tree structure."""
+    """Arranges per-layer counts into the `expert_bias` collection's tree structure, from the module
+    names the layers define (ling_jax/layers/stack.py, decoder.py, moe.py)."""
     tree = {}
     if cfg.num_moe_layers:
         if cfg.scan_layers:
-            tree["moe_stack"] = {"layers": {"moe": {"bias": counts_main_LE}}}
+            tree[MOE_STACK] = {SCANNED_LAYERS: {MOE: {BIAS: counts_main_LE}}}
         else:
-            tree["moe_stack"] = {f"layers_{i}": {"moe": {"bias": counts_main_LE[i]}} for i in range(cfg.num_moe_layers)}
+            tree[MOE_STACK] = {layer_name(i): {MOE: {BIAS: counts_main_LE[i]}} for i in range(cfg.num_moe_layers)}
     for i in range(cfg.num_mtp_layers):
-        tree[f"mtp_{i}"] = {"layer": {"moe": {"bias": counts_mtp_ME[i]}}}
+        tree[mtp_name(i)] = {MTP_DECODER: {MOE: {BIAS: counts_mtp_ME[i]}}}
     return tree
 
 
