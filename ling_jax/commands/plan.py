@@ -85,9 +85,16 @@ def _search(exp, layout, topo, devices, result) -> tuple[bool, object]:
     return bool(fitting), (fitting or ranked or [None])[0]
 
 
+def _fail(message: str) -> None:
+    """One line on stderr and exit status 2: the command line cannot be planned."""
+    print(f"ling-jax plan: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     del argv
     from ling_jax.config import ConfigError
+    from ling_jax.ops.pallas_target import Target
     from ling_jax.params import count_params
     from ling_jax.plan import report
     from ling_jax.plan.activations import activation_bytes
@@ -95,14 +102,20 @@ def main(argv):
     from ling_jax.plan.budget import plan_budget
     from ling_jax.plan.compiled import compile_train_step, resolve_dispatch
     from ling_jax.plan.search import evaluate_mesh
-    from ling_jax.plan.topology import libtpu_missing_reason, parse_topology, topology_devices
+    from ling_jax.plan.topology import TopologyError, libtpu_missing_reason, parse_topology, topology_devices
     from ling_jax.sharding.mesh import resolve_mesh_shape
     from ling_jax.train.config import experiment_from_config
     from ling_jax.train.flops import model_flops_per_token
 
+    try:
+        topo = parse_topology(_TOPOLOGY.value)
+    except TopologyError as e:
+        _fail(f"--topology: {e}")
     configured = experiment_from_config(_CONFIG.value)
-    exp = resolve_dispatch(configured, "tpu")  # "auto" as a TPU run resolves it
-    topo = parse_topology(_TOPOLOGY.value)
+    try:  # the routed-expert implementation a TPU run chooses (the MoE layer's selector)
+        exp = resolve_dispatch(configured, Target("tpu", f"TPU {topo.chip.name}"))
+    except RuntimeError as e:
+        _fail(f"config error: {e}")
     n, hbm = topo.num_devices, topo.hbm_bytes_per_device
     step_tokens = exp.train.batch_size * exp.train.seq_len
     counts = count_params(exp.model)

@@ -13,12 +13,21 @@ libtpu were absent (for tests of the fallback path).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import math
 import os
 
 GiB = 2**30
 NO_LIBTPU_ENV = "LING_JAX_NO_LIBTPU"
+# What libtpu would otherwise discover from the TPU VM's metadata server and print warnings about
+# ("Failed to find host bounds ...", "unexpected worker hostname ...") on a host without TPUs: one host,
+# this one. Describing a topology for an ahead-of-time compile needs no runtime discovery.
+AOT_LIBTPU_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_HOST_BOUNDS": "1,1,1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +111,22 @@ def libtpu_missing_reason() -> str | None:
     return None
 
 
+def has_local_tpu() -> bool:
+    """Whether this host has TPU chips (the device files a TPU VM exposes)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def quiet_libtpu_for_aot(environ=os.environ) -> dict[str, str]:
+    """On a host without TPUs, sets AOT_LIBTPU_ENV's variables the user has not set, so that libtpu
+    describes a topology without its start-up warnings; returns what it set. Must run before libtpu
+    initialises. A TPU host keeps libtpu's own discovery."""
+    if has_local_tpu():
+        return {}
+    added = {k: v for k, v in AOT_LIBTPU_ENV.items() if k not in environ}
+    environ.update(added)
+    return added
+
+
 def topology_devices(topology: Topology) -> list:
     """The JAX devices of `topology` (no TPU needed; libtpu describes them). Raises RuntimeError
     naming the reason when libtpu is missing."""
@@ -111,6 +136,7 @@ def topology_devices(topology: Topology) -> list:
     # Other processes on this host may hold libtpu's lock file; AOT compilation needs no exclusive
     # access to a TPU, so allow several libtpu users (must be set before the plugin initialises).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    quiet_libtpu_for_aot()
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": topology.chip.chip_config_name} if topology.chip.chip_config_name else {}
