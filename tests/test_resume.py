@@ -185,3 +185,124 @@ def test_restarting_a_finished_run_is_a_no_op(tmp_path, reference):
     assert _resumed_step(out) == STEPS, out[-2000:]
     assert (tmp_path / "metrics.jsonl").read_text() == before
     _assert_same_run(_metrics(tmp_path), reference.records())
+
+
+# --------------------------------------------------------------------------- the run directory's rules
+def _experiment(**train):
+    from multidevice.common import small_experiment
+
+    return small_experiment(train={"steps": 10, **train})
+
+
+def _fresh_run_dir(workdir: Path, exp) -> None:
+    from ling_jax.train import run_dir
+
+    prepared = run_dir.prepare(workdir, exp)
+    run_dir.write_config(workdir, exp, prepared.changes, allowed_by_flag=False, step=None)
+    prepared.lock.release()
+
+
+def test_resume_with_other_settings_is_refused_and_writes_nothing(tmp_path):
+    from ling_jax.train import run_dir
+
+    _fresh_run_dir(tmp_path, _experiment())
+    before = (tmp_path / "config.json").read_bytes()
+    changed = _experiment(learning_rate=1e-3, seed=3)
+    with pytest.raises(run_dir.RunDirError) as e:
+        run_dir.prepare(tmp_path, changed)
+    assert "train.learning_rate: 0.003 -> 0.001" in str(e.value) and "train.seed: 0 -> 3" in str(e.value)
+    assert "--allow_config_change" in str(e.value)
+    assert (tmp_path / "config.json").read_bytes() == before
+    assert not (tmp_path / "config_changes.jsonl").exists()
+
+
+def test_allowed_config_change_is_recorded(tmp_path):
+    import json
+
+    from ling_jax.train import run_dir
+
+    _fresh_run_dir(tmp_path, _experiment())
+    changed = _experiment(learning_rate=1e-3, steps=20)
+    prepared = run_dir.prepare(tmp_path, changed, allow_change=True)
+    run_dir.write_config(tmp_path, changed, prepared.changes, allowed_by_flag=True, step=5)
+    prepared.lock.release()
+    record = json.loads((tmp_path / "config_changes.jsonl").read_text())
+    assert record["allow_config_change"] and record["resumed_at_step"] == 5
+    assert {c["field"]: (c["old"], c["new"]) for c in record["changes"]} == {
+        "train.learning_rate": (0.003, 0.001),
+        "train.steps": (10, 20),
+    }
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["learning_rate"] == 0.001
+
+
+def test_run_time_settings_may_change_freely(tmp_path):
+    from ling_jax.train import run_dir
+
+    _fresh_run_dir(tmp_path, _experiment())
+    prepared = run_dir.prepare(tmp_path, _experiment(steps=30, log_every=5, sample_tokens=3))
+    prepared.lock.release()
+    assert sorted(c[0] for c in prepared.changes) == ["train.log_every", "train.sample_tokens", "train.steps"]
+
+
+def test_foreign_directories_are_refused_untouched(tmp_path):
+    import json
+
+    from ling_jax.train import run_dir
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "bailing_moe_v2", "hidden_size": 32}))
+    with pytest.raises(run_dir.RunDirError, match="not a ling-jax run's .a Hugging Face checkpoint"):
+        run_dir.prepare(hf, _experiment())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(run_dir.RunDirError, match=r"is not empty and is not a ling-jax run directory .*notes.txt"):
+        run_dir.prepare(other, _experiment())
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_second_process_is_refused_by_the_lock(tmp_path):
+    from ling_jax.train import run_dir
+
+    exp = _experiment()
+    held = run_dir.prepare(tmp_path, exp)
+    with pytest.raises(run_dir.RunDirError, match=rf"is in use: process {os.getpid()} is training into it"):
+        run_dir.prepare(tmp_path, exp)
+    held.lock.release()
+    run_dir.prepare(tmp_path, exp).lock.release()  # free again once released
+
+
+def test_uncreatable_checkpoint_directory_is_refused_at_start(tmp_path):
+    from ling_jax.train import run_dir
+
+    _fresh_run_dir(tmp_path, _experiment())
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").write_text("a file")
+    with pytest.raises(run_dir.RunDirError, match="checkpoints exists and is not a directory"):
+        run_dir.prepare(tmp_path, _experiment())
+
+
+def test_allowed_change_of_the_state_shapes_is_still_refused():
+    """model.hidden_size 32 -> 48 with --allow_config_change: the checkpoints cannot be restored, and
+    must not be taken for damaged ones; refused before any restore."""
+    import flax.linen as nn
+    import jax
+    from multidevice.common import small_experiment
+
+    from ling_jax.train import run_dir
+    from ling_jax.train.state import init_state, make_optimizer
+
+    def abstract(exp):
+        return nn.unbox(jax.eval_shape(lambda: init_state(exp.model, make_optimizer(exp.train), jax.random.key(0))))
+
+    stored = run_dir.experiment_to_dict(_experiment())
+    run_dir.check_same_state_layout(stored, abstract(_experiment(learning_rate=1e-3)))  # same shapes: fine
+    with pytest.raises(
+        run_dir.RunDirError,
+        match=r"change the train state .*params.*k_proj.*\(1, 32, 2, 8\) float32 -> \(1, 48, 2, 8\) float32",
+    ):
+        run_dir.check_same_state_layout(stored, abstract(small_experiment(model={"hidden_size": 48})))

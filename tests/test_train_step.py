@@ -190,8 +190,10 @@ def test_too_many_nonfinite_steps_stop_the_run(poisoned_run):
     workdir, proc = poisoned_run
     assert proc.returncode == 3, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
     assert "Traceback" not in proc.stderr
-    assert "3 consecutive steps with a non-finite loss or gradient" in proc.stderr
+    assert "3 consecutive steps with a non-finite loss, gradient or updated state" in proc.stderr
     assert "train.max_nonfinite_steps=3" in proc.stderr and "stopped at step 13" in proc.stderr
+    # The message names the newest checkpoint, which holds finite values.
+    assert f"The newest checkpoint, {workdir / 'checkpoints' / '12'}, holds finite values" in proc.stderr
     # Checkpoints up to the last step before the stop; the newest is intact, loadable and finite,
     # and holds the weights of the last good step (10): steps 11 and 12 were skipped.
     from ling_jax.train.run_dir import checkpointer_for, load_experiment

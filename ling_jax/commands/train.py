@@ -19,6 +19,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "CPU only: devices to emulate in this process (0 = 1)")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "resume a run whose stored config.json differs in settings that change the numbers (recorded in "
+    "WORKDIR/config_changes.jsonl); without it such a resume is refused",
+)
 
 
 def main(argv):
@@ -27,14 +33,20 @@ def main(argv):
 
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_DEVICES.value)
     from ling_jax.train.config import experiment_from_config
-    from ling_jax.train.loop import TrainingDiverged, run
+    from ling_jax.train.loop import RunDirError, RunStopped, TrainingDiverged, run
 
     exp = experiment_from_config(_CONFIG.value)
     try:
-        result = run(exp, _WORKDIR.value, progress=_PROGRESS.value)
+        result = run(exp, _WORKDIR.value, progress=_PROGRESS.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except TrainingDiverged as e:
         print(f"ling-jax train: {e}", file=sys.stderr)
         sys.exit(3)
+    except RunDirError as e:  # nothing was written
+        print(f"ling-jax train: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RunStopped as e:
+        print(f"ling-jax train: {e}", file=sys.stderr)
+        sys.exit(4)
     print(
         f"\nfinal step {result.final_step}: train loss {result.final_loss:.4f} nats/token "
         f"(unigram entropy of the corpus {result.unigram_entropy:.4f})"

@@ -7,8 +7,8 @@ one, and continues with exactly the losses an uninterrupted run would have produ
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -24,16 +24,22 @@ from ling_jax.data import build_datasets, check_token_ids, make_eval_batches, ma
 from ling_jax.generate import generate
 from ling_jax.sharding import batch_spec, build_mesh
 from ling_jax.sharding.rules import BATCH_AXES
-from ling_jax.train.checkpointing import Checkpointer
+from ling_jax.train import run_dir
+from ling_jax.train.checkpointing import Checkpointer, CheckpointError, CorruptCheckpoint
 from ling_jax.train.config import Experiment
 from ling_jax.train.flops import measure_matmul_peak, model_flops_per_token
 from ling_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_metrics
+from ling_jax.train.run_dir import RunDirError, experiment_to_dict  # noqa: F401  (re-exported)
 from ling_jax.train.state import create_sharded_state, make_optimizer, state_shardings
 from ling_jax.train.step import make_eval_step, make_train_step
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+class RunStopped(RuntimeError):
+    """The run cannot go on (a failed save, a full disk, no usable checkpoint); one line for the user."""
+
+
+class TrainingDiverged(RunStopped):
+    """Too many consecutive non-finite steps; the message names the newest checkpoint (all are finite)."""
 
 
 @dataclasses.dataclass
@@ -44,10 +50,6 @@ class RunResult:
     unigram_entropy: float
     sample: str
     records: list[dict]
-
-
-def experiment_to_dict(exp: Experiment) -> dict:
-    return {name: dataclasses.asdict(getattr(exp, name)) for name in ("model", "data", "train", "checkpoint", "mesh")}
 
 
 def check_batch_layout(exp: Experiment, mesh) -> None:
@@ -101,12 +103,65 @@ def evaluate(exp: Experiment, params, expert_bias, rows, eval_step, sharding, ma
     return total / max(tokens, 1.0)
 
 
-def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunResult:
+def run(exp: Experiment, workdir: str | Path, *, progress: bool = True, allow_config_change: bool = False) -> RunResult:
+    """Trains `exp` in `workdir`, resuming from its newest usable checkpoint. Raises RunDirError
+    (the directory cannot be used; nothing written), RunStopped, or ConfigError, each one line."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    prepared = run_dir.prepare(workdir, exp, allow_change=allow_config_change, process_index=jax.process_index())
+    try:
+        return _run(exp, workdir, prepared, progress=progress, allow_config_change=allow_config_change)
+    finally:
+        prepared.lock.release()
+
+
+def _warn(message: str) -> None:
+    print(f"ling-jax train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def restore_newest_good(checkpointer: Checkpointer, abstract, shardings):
+    """(step, state, data state) of the newest checkpoint that restores and verifies, or None when
+    there is none at all. Each unusable one is moved to the quarantine folder with a warning; when
+    every one is unusable, RunStopped."""
+    bad = []
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            state, data_state = checkpointer.restore(step, abstract, shardings)
+        except CorruptCheckpoint as e:
+            moved = checkpointer.quarantine(step)
+            _warn(f"{e}; moved it to {moved} and trying the previous checkpoint")
+            bad.append(str(moved))
+            continue
+        return step, state, data_state
+    if bad:
+        raise RunStopped(
+            f"no usable checkpoint in {checkpointer.directory}: every one failed verification (moved to "
+            f"{', '.join(bad)}); run again to start from scratch, or restore a good copy"
+        )
+    return None
+
+
+def _newest_checkpoint_line(checkpointer: Checkpointer) -> str:
+    steps = checkpointer.all_steps()
+    if not steps:
+        return f"No checkpoint was saved in {checkpointer.directory}."
+    return f"The newest checkpoint, {checkpointer.path(steps[-1])}, holds finite values (every saved one does)."
+
+
+def _run(exp: Experiment, workdir: Path, prepared, *, progress: bool, allow_config_change: bool) -> RunResult:
     is_main = jax.process_index() == 0
     mesh = build_mesh(exp.mesh.axes)
     check_batch_layout(exp, mesh)
+    checkpointer = Checkpointer(
+        workdir / run_dir.CHECKPOINTS, keep=exp.checkpoint.keep, async_save=exp.checkpoint.async_save
+    )
+    listed = checkpointer.latest_step()
+    if listed is not None and listed > exp.train.steps:
+        checkpointer.close()
+        raise ConfigError(
+            "train.steps",
+            f"is {exp.train.steps}, below the step of the newest checkpoint in {checkpointer.directory} "
+            f"({listed}): nothing would be trained; set train.steps >= {listed} or use another --workdir",
+        )
     data = build_datasets(
         exp.data.source,
         exp.data.tokenizer,
@@ -120,17 +175,24 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
             f"model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({data.tokenizer.vocab_size}, data.tokenizer={exp.data.tokenizer!r})"
         )
-    if is_main:
-        (workdir / "config.json").write_text(json.dumps(experiment_to_dict(exp), indent=2) + "\n")
     entropy = unigram_entropy(data.train.tokens_L)
 
     optimizer = make_optimizer(exp.train)
     abstract, shardings = state_shardings(exp.model, optimizer, mesh)
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=exp.checkpoint.keep, async_save=exp.checkpoint.async_save)
     iterator = make_train_iterator(data.train, global_batch_size=exp.train.batch_size, seed=exp.train.seed)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, abstract, shardings)
+    if prepared.changes and listed is not None:  # before any restore: a mismatch is no corruption
+        run_dir.check_same_state_layout(prepared.stored, abstract)
+    restored = restore_newest_good(checkpointer, abstract, shardings)
+    if is_main:  # only now, when every check has passed
+        run_dir.write_config(
+            workdir,
+            exp,
+            prepared.changes,
+            allowed_by_flag=allow_config_change,
+            step=restored[0] if restored else None,
+        )
+    if restored is not None:
+        latest, state, data_state = restored
         iterator.set_state(data_state)
         print(f"resumed from {checkpointer.directory}/{latest}")
     else:
@@ -149,6 +211,7 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
     )
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
+    completed = False
     try:
         while step < exp.train.steps:
             local = next(iterator)
@@ -158,11 +221,13 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
             window_steps += 1
             streak = int(state.nonfinite_streak)
             if streak >= exp.train.max_nonfinite_steps:
+                checkpointer.wait()
                 raise TrainingDiverged(
-                    f"{streak} consecutive steps with a non-finite loss or gradient (train.max_nonfinite_steps="
-                    f"{exp.train.max_nonfinite_steps}); stopped at step {step}. The last good checkpoint in "
-                    f"{checkpointer.directory} is intact."
+                    f"{streak} consecutive steps with a non-finite loss, gradient or updated state, each "
+                    f"skipped (train.max_nonfinite_steps={exp.train.max_nonfinite_steps}); stopped at step "
+                    f"{step}. {_newest_checkpoint_line(checkpointer)}"
                 )
+            checkpointer.check_for_errors()  # a failed asynchronous save stops the run at the next step
             last = step == exp.train.steps
             # Eval steps are logged too (else only multiples of both log_every and eval_every would be).
             eval_now = bool(exp.train.eval_every) and step % exp.train.eval_every == 0
@@ -200,7 +265,10 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
                         batch_sharding,
                         exp.train.eval_batches,
                     )
-                log.write(record)
+                try:
+                    log.write(record)
+                except OSError as e:
+                    raise RunStopped(f"cannot write {log.path}: {e.strerror or e}") from e
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}",
                     tok_s=f"{tokens_per_s:,.0f}",
@@ -210,10 +278,18 @@ def run(exp: Experiment, workdir: str | Path, *, progress: bool = True) -> RunRe
             bar.update(1)
             if (exp.checkpoint.every and step % exp.checkpoint.every == 0) or last:
                 checkpointer.save(step, state, iterator.get_state())
+        completed = True
+    except CheckpointError as e:
+        raise RunStopped(f"{e}; stopped at step {step}. {_newest_checkpoint_line(checkpointer)}") from e
     finally:
         bar.close()
-        checkpointer.wait()
-        log.close()
+        try:
+            checkpointer.wait()
+        except CheckpointError as e:
+            if completed:  # else the error already on its way out says why the run stopped
+                raise RunStopped(f"{e}. {_newest_checkpoint_line(checkpointer)}") from e
+        finally:
+            log.close()
 
     heldout = None
     if data.heldout is not None:
@@ -238,7 +314,7 @@ def sample_text(exp: Experiment, state, tokenizer) -> str:
     variables = jax.device_get(variables)
     max_new = min(exp.train.sample_tokens, exp.model.max_position_embeddings - len(prompt))
     out = generate(
-        exp.model.replace(moe_dispatch=exp.model.moe_dispatch),
+        exp.model,
         variables,
         [prompt],
         max_new_tokens=max_new,

@@ -1,5 +1,6 @@
 """Where training metrics go: one JSON object per logged step in WORKDIR/metrics.jsonl (flushed
-per line, so a killed run keeps what it logged), TensorBoard event files, and a loss-curve PNG."""
+per line, so a killed run keeps what it logged; a write that fails leaves no partial line),
+TensorBoard event files, and a loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -22,8 +23,15 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        with open(self.path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:  # e.g. a full disk: leave no torn line for the resumed run to read
+                f.truncate(size)
+                raise
         step = int(record["step"])
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from ling_jax.config import ModelConfig
-from ling_jax.model import LingModel
+from ling_jax.model import LingModel, init_ids
 from ling_jax.sharding.rules import LOGICAL_AXIS_RULES, logical_shardings
 from ling_jax.train.config import TrainConfig
 from ling_jax.train.schedule import wsm_schedule
@@ -23,7 +23,7 @@ class TrainState:
     params: Any
     expert_bias: Any  # float32 routing biases, updated by the balancing rule, not the optimizer
     opt_state: Any
-    nonfinite_streak: jax.Array  # consecutive steps whose loss or gradients were NaN/Inf
+    nonfinite_streak: jax.Array  # consecutive steps whose loss, gradients or updated state held NaN/Inf
     skipped_steps: jax.Array  # total steps skipped for non-finite values
 
 
@@ -59,7 +59,7 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 
 def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state with logical-axis boxes kept (so shardings can be read from an abstract copy)."""
-    variables = LingModel(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32))
+    variables = LingModel(model_cfg).init(rng, init_ids())
     params = variables["params"]
     return TrainState(
         step=jnp.int32(0),

@@ -63,6 +63,12 @@ def _optimizer_count(opt_state, default: jax.Array) -> jax.Array:
     return counts[0] if counts else default
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every inexact leaf of `tree` holds only finite values (integer leaves always do)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -76,7 +82,6 @@ def train_step(
         state.params, state.expert_bias, batch, model_cfg, train_cfg.z_loss_weight
     )
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     counts_main = router.counts_E if router is not None else jnp.zeros((0, model_cfg.num_experts))
     counts_mtp = mtp_router.counts_E if mtp_router is not None else jnp.zeros((0, model_cfg.num_experts))
@@ -90,13 +95,19 @@ def train_step(
             expert_bias = update_expert_bias(expert_bias, counts, train_cfg.bias_update_rate)
         return params, opt_state, expert_bias
 
-    # A non-finite loss or gradient skips the whole update (params, moments, biases). A cond rather
-    # than a `where(finite, new, old)` per leaf: for such a where XLA:CPU copies every donated moment
-    # buffer to keep its old value (158 copies in the bench-shape step; the update alone took 1.4x as
-    # long; benchmarks/README.md).
-    params, opt_state, expert_bias = jax.lax.cond(
-        finite, apply_update, lambda operands: operands, (state.params, state.opt_state, state.expert_bias)
-    )
+    old = (state.params, state.opt_state, state.expert_bias)
+    # The guard also covers the updated state: a finite gradient can still give non-finite weights or
+    # moments (e.g. an invalid optimizer setting, or an overflow). The would-be update is computed once
+    # outside the cond only to be reduced to one flag: XLA fuses each leaf's update into its
+    # all-finite reduction, so nothing is materialised and the donated buffers are updated in place
+    # by the cond below, as before; the price is one more elementwise pass of the optimizer.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(apply_update(old))
+
+    # A non-finite step skips the whole update (params, moments, biases). A cond rather than a
+    # `where(finite, new, old)` per leaf: for such a where XLA:CPU copies every donated moment buffer
+    # to keep its old value (158 copies in the bench-shape step; the update alone took 1.4x as long;
+    # benchmarks/README.md).
+    params, opt_state, expert_bias = jax.lax.cond(finite, apply_update, lambda operands: operands, old)
     new_state = TrainState(
         step=state.step + 1,
         params=params,
