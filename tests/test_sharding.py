@@ -167,3 +167,23 @@ def test_optimizer_state_is_sharded_like_params():
         for dim, axes in zip(leaf.shape, sharding.spec):
             size = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))])) if axes else 1
             assert dim % size == 0, (leaf.shape, sharding.spec)
+
+
+def test_batch_split_follows_the_rules_table():
+    """The input batch spec and the planner's batch split read "activation_batch" from the table."""
+    import flax.linen as nn
+
+    from ling_jax.plan.search import mesh_rejection
+    from ling_jax.sharding.rules import batch_spec, mesh_axes
+
+    variant = (("activation_batch", ("data", "fsdp")),)
+    assert batch_spec() == PartitionSpec(("data", "fsdp", "expert"), None)
+    assert batch_spec(variant) == PartitionSpec(("data", "fsdp"), None)
+    with nn.logical_axis_rules(variant):
+        assert batch_spec() == PartitionSpec(("data", "fsdp"), None)
+    sizes = {"data": 2, "fsdp": 1, "expert": 4, "model": 1}
+    assert mesh_axes("activation_batch", sizes) == ("data", "fsdp", "expert")
+    exp = small_experiment(train={"batch_size": 4})  # 4 rows over data * fsdp * expert = 8 ways: rejected
+    assert "not divisible" in mesh_rejection(exp, sizes)
+    with nn.logical_axis_rules(variant):  # batch over data * fsdp = 2 ways only
+        assert mesh_rejection(exp, sizes) is None

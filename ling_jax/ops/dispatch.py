@@ -20,9 +20,10 @@ and all are exactly equal to float tolerance. Dropless: no token is ever dropped
   second call for the backward. No padding rows, no loop over blocks. CPU and float32 only.
 
 Which one runs: `select_impl` (below), the one selector the MoE layer, the planner and the
-benchmarks call, from one registry (`IMPLS`) and one fallback order (`auto_order`). Ids outside [0, E) mean "no
-assignment" for "dense", "blocked" and "cpu_kernel" (expert parallelism relies on it); "ragged" needs
-valid ids.
+benchmarks call, from one registry (`IMPLS`) and one fallback order (`auto_order`).
+
+Ids outside [0, E) mean "no assignment" for "dense", "blocked" and "cpu_kernel" (expert parallelism
+relies on it); "ragged" needs valid ids.
 
 These functions see whatever tokens they are given. Under a mesh the MoE layer calls them per shard
 (`per_shard_dispatch` in ling_jax/ops/expert_parallel.py, inside `jax.shard_map`), so the

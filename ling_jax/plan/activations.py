@@ -43,7 +43,7 @@ import numpy as np
 
 from ling_jax.config import ModelConfig
 from ling_jax.ops.expert_parallel import receive_capacity, send_capacity
-from ling_jax.sharding.rules import BATCH_AXES
+from ling_jax.sharding.rules import mesh_axes
 
 F32 = 4  # bytes
 
@@ -135,7 +135,7 @@ def _layer_weight_count(cfg: ModelConfig, is_moe: bool) -> int:
 
 def activation_breakdown(cfg: ModelConfig, batch_size: int, seq_len: int, mesh_sizes: dict[str, int]) -> dict[str, int]:
     """{term: bytes per device}; see the module docstring for each term."""
-    batch_ways = math.prod(mesh_sizes[a] for a in BATCH_AXES)
+    batch_ways = math.prod(mesh_sizes[a] for a in mesh_axes("activation_batch", mesh_sizes))
     model_ways = mesh_sizes["model"]
     seqs = max(1, batch_size // batch_ways)
     tokens = seqs * seq_len

@@ -31,7 +31,7 @@ from ling_jax.ops.expert_parallel import send_capacity
 from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import StateLayout, StatePlan, plan_state
 from ling_jax.sharding.mesh import MESH_AXES
-from ling_jax.sharding.rules import BATCH_AXES
+from ling_jax.sharding.rules import mesh_axes
 from ling_jax.train.config import Experiment
 
 
@@ -68,7 +68,7 @@ def mesh_rejection(exp: Experiment, mesh: dict[str, int]) -> str | None:
         return f"expert={mesh['expert']} does not divide num_experts={m.num_experts}"
     if m.num_kv_heads % mesh["model"]:
         return f"model={mesh['model']} does not divide num_kv_heads={m.num_kv_heads}"
-    shards = math.prod(mesh[a] for a in BATCH_AXES)
+    shards = math.prod(mesh[a] for a in mesh_axes("activation_batch", mesh))
     if exp.train.batch_size % shards:
         return f"batch {exp.train.batch_size} is not divisible by data*fsdp*expert={shards}"
     return None
@@ -85,7 +85,7 @@ def communication_bytes(exp: Experiment, cand: Candidate) -> float:
     )
     total = 3 * fsdp_shards * (mesh["fsdp"] - 1)
     total += 2 * cand.state.gradient_bytes * (mesh["data"] - 1) / mesh["data"]
-    tokens = exp.train.batch_size * exp.train.seq_len / math.prod(mesh[a] for a in BATCH_AXES)
+    tokens = exp.train.batch_size * exp.train.seq_len / math.prod(mesh[a] for a in mesh_axes("activation_batch", mesh))
     layers = cfg.num_layers + cfg.num_mtp_layers
     total += 4 * layers * 2 * tokens * cfg.hidden_size * dt * (mesh["model"] - 1) / mesh["model"]
     moe_layers = cfg.num_moe_layers + cfg.num_mtp_layers

@@ -64,9 +64,11 @@ def single_mesh_axis(logical: str, mesh_axis_names, rules=None) -> str | None:
     return axes[0] if axes else None
 
 
-def batch_spec() -> PartitionSpec:
-    """[B, T] input arrays: batch over (data, fsdp, expert), time unsplit."""
-    return PartitionSpec(BATCH_AXES, None)
+def batch_spec(rules=None) -> PartitionSpec:
+    """[B, T] input arrays: batch over the mesh axes of "activation_batch" (data, fsdp, expert), time unsplit."""
+    rules = active_rules() if rules is None else rules
+    value = dict(rules).get("activation_batch")
+    return PartitionSpec(value, None)
 
 
 def logical_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
