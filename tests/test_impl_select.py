@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import tiny_config
 from jax._src.mesh import AbstractDevice
 from jax.sharding import AbstractMesh
 
@@ -37,23 +38,8 @@ REQUESTS = ("auto", "dense", "ragged", "blocked", "cpu_kernel")
 
 
 def small_model(**overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        intermediate_size=64,
-        num_experts=8,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        moe_intermediate_size=16,
-        num_shared_experts=0,  # the routed experts only: the shared MLP's FP8 kernels are not under test
-        num_mtp_layers=0,
-    )
-    return ModelConfig(**{**base, **overrides})
+    # The routed experts only: the shared MLP's FP8 kernels are not under test.
+    return tiny_config(num_shared_experts=0, num_mtp_layers=0, **overrides)
 
 
 def test_auto_order_is_the_documented_one():
@@ -118,7 +104,9 @@ def test_target_follows_the_traced_mesh_not_the_default_backend():
 
 @pytest.fixture(scope="module")
 def base_experiment():
-    return experiment_from_config(base_config())
+    config = base_config()
+    config.train.seq_len = 64  # within tiny_config's max_position_embeddings
+    return experiment_from_config(config)
 
 
 def _runtime_choice(cfg: ModelConfig, target: Target, monkeypatch) -> str:
