@@ -56,7 +56,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from ling_jax.config import MOE_DISPATCHES, REMAT_POLICIES  # noqa: E402
-from ling_jax.ops.dispatch import default_dispatch  # noqa: E402
+from ling_jax.layers.moe import select_moe_impl  # noqa: E402
+from ling_jax.ops.pallas_target import kernel_target  # noqa: E402
 from ling_jax.sharding import batch_spec, build_mesh  # noqa: E402
 from ling_jax.train.config import Experiment, base_config, experiment_from_config  # noqa: E402
 from ling_jax.train.flops import measure_matmul_peak, model_flops_per_token  # noqa: E402
@@ -227,7 +228,7 @@ class StepRunner:
         tokens_per_s = tokens / step_s
         dispatch = exp.model.moe_dispatch
         if dispatch == "auto":
-            dispatch = f"auto={default_dispatch(jax.default_backend())}"
+            dispatch = f"auto={select_moe_impl(exp.model, kernel_target()).impl}"
         return {
             "shape": self.shape,
             "moe_dispatch": dispatch,

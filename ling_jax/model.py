@@ -35,7 +35,7 @@ from ling_jax.layers.basic import RMSNorm, param_with_axes
 from ling_jax.layers.decoder import ACTIVATION_AXES, MTPLayer, mtp_name
 from ling_jax.layers.moe import RouterStats
 from ling_jax.layers.stack import LayerStack, stack_name
-from ling_jax.ops.fp8 import FP8_STATS, fp8_projection, quantization_stats
+from ling_jax.ops.fp8 import FP8_STATS, fp8_impl, fp8_projection, quantization_stats
 from ling_jax.ops.rope import rope_cos_sin
 
 
@@ -163,15 +163,15 @@ class LingModel(nn.Module):
             )
 
         def logits(h_BTD):
-            if cfg.fp8 != "off":  # float32 logits from the blockwise FP8 matmul (forward and backward)
+            if fp8_impl(cfg.fp8) is not None:  # float32 logits from the blockwise FP8 matmul (forward and backward)
                 return fp8_projection(
-                    h_BTD, lm_head_DV.astype(cfg.jnp_dtype), contract=1, impl=cfg.fp8, out_dtype=jnp.float32
+                    h_BTD, lm_head_DV.astype(cfg.jnp_dtype), contract=1, impl=fp8_impl(cfg.fp8), out_dtype=jnp.float32
                 )
             return jnp.einsum(
                 "BTD,DV->BTV", h_BTD, lm_head_DV.astype(cfg.jnp_dtype), preferred_element_type=jnp.float32
             )
 
-        if cfg.fp8 != "off":  # the head's quantization statistics, as every FP8 projection sows its own
+        if fp8_impl(cfg.fp8) is not None:  # the head's quantization statistics, as every FP8 projection sows its own
             for prefix, value, blocks in (
                 ("input", final_BTD.reshape(-1, cfg.hidden_size), False),
                 ("kernel", lm_head_DV, True),
@@ -191,7 +191,7 @@ class LingModel(nn.Module):
                 outs.append((h_BTD, stats))
             mtp_hidden = jnp.stack([h for h, _ in outs])
             # Off: one einsum per MTP layer. FP8: one matmul over all rows (tiles are per row anyway).
-            mtp_logits = jax.vmap(logits)(mtp_hidden) if cfg.fp8 == "off" else logits(mtp_hidden)
+            mtp_logits = jax.vmap(logits)(mtp_hidden) if fp8_impl(cfg.fp8) is None else logits(mtp_hidden)
             mtp_router = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in outs])
 
         new_cache = None

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ling_jax.data import batch as batch_keys
 from ling_jax.data.tokenizer import Tokenizer, check_token_ids
 
 # Documents are tokenized in chunks so that `max_tokens` stops work early on a big corpus.
@@ -140,11 +141,11 @@ class PackedRows:
         same_doc_NT = segment_NR[:, 1:] == segment_NR[:, :-1]
         loss_mask_NT = (same_doc_NT & (segment_NR[:, 1:] != 0)).astype(np.float32)
         return {
-            "inputs": tokens_NR[:, :-1],
-            "targets": tokens_NR[:, 1:],
-            "segment_ids": segment_NR[:, :-1],
-            "positions": positions_NR[:, :-1],
-            "loss_mask": loss_mask_NT,
+            batch_keys.INPUTS: tokens_NR[:, :-1],
+            batch_keys.TARGETS: tokens_NR[:, 1:],
+            batch_keys.SEGMENT_IDS: segment_NR[:, :-1],
+            batch_keys.POSITIONS: positions_NR[:, :-1],
+            batch_keys.LOSS_MASK: loss_mask_NT,
         }
 
 

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
+from ling_jax.data import batch as batch_keys
 from ling_jax.data.corpus import find_text_files, read_text_files, split_documents, stdlib_corpus
 from ling_jax.data.packing import PackedRows, pack_documents
 from ling_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -149,9 +150,9 @@ def make_eval_batches(
         batch = rows.batch(np.where(real_N, indices_N, 0))
         if not real_N.all():
             filler_N1 = ~real_N[:, None]
-            batch["inputs"] = np.where(filler_N1, rows.pad_id, batch["inputs"]).astype(np.int32)
-            batch["targets"] = np.where(filler_N1, rows.pad_id, batch["targets"]).astype(np.int32)
-            for key in ("segment_ids", "positions", "loss_mask"):
+            for key in (batch_keys.INPUTS, batch_keys.TARGETS):
+                batch[key] = np.where(filler_N1, rows.pad_id, batch[key]).astype(np.int32)
+            for key in (batch_keys.SEGMENT_IDS, batch_keys.POSITIONS, batch_keys.LOSS_MASK):
                 batch[key] = np.where(filler_N1, 0, batch[key]).astype(batch[key].dtype)
         yield batch
 
