@@ -138,6 +138,22 @@ def test_steps_below_the_newest_checkpoint_are_refused(tmp_path, runs):
     assert _files(workdir) == before
 
 
+def test_resume_with_other_settings_is_refused_through_the_cli(tmp_path, runs):
+    """model.hidden_size 32 -> 48 on a resume: refused naming the field; with --allow_config_change
+    refused still (the checkpoints cannot hold that state), and not mistaken for damage. Nothing is
+    written either time; config.json keeps matching the checkpoints."""
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["prefix"], workdir)
+    before = _files(workdir)
+    wider = ["--config.model.hidden_size=48"]
+    proc = finish_cli(start_cli(*_args(workdir), *wider), check=False)
+    _one_clear_line(proc, 2, "model.hidden_size: 32 -> 48", "--allow_config_change")
+    assert _files(workdir) == before
+    proc = finish_cli(start_cli(*_args(workdir), *wider, "--allow_config_change"), check=False)
+    _one_clear_line(proc, 2, "change the train state", "new --workdir")
+    assert _files(workdir) == before and not (workdir / "quarantine").exists()
+
+
 def test_no_usable_checkpoint_stops_with_one_line(tmp_path, runs):
     workdir = tmp_path / "run"
     shutil.copytree(runs["prefix"], workdir)

@@ -1,7 +1,10 @@
 """The training run: data, mesh, sharded state, the compiled step, checkpoints, logs, a sample.
 
-`run(experiment, workdir)` resumes from the last complete checkpoint in `workdir` if there is
-one, and continues with exactly the losses an uninterrupted run would have produced.
+`run(experiment, workdir)` resumes from the newest checkpoint in `workdir` that restores and
+verifies (a damaged one is moved to WORKDIR/quarantine with a warning), and continues with exactly
+the losses an uninterrupted run would have produced. The directory's rules (a lock, no foreign
+files, no silent change of settings) are in run_dir.py; a run that cannot go on stops with one line
+(RunStopped, RunDirError, ConfigError).
 """
 
 from __future__ import annotations
