@@ -119,6 +119,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, runs, reference_losses, 
     corrupt(workdir / "checkpoints" / str(PREFIX))
     proc = finish_cli(start_cli(*_args(workdir)), check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert _resumed_step(proc.stdout) == PREFIX - EVERY, proc.stdout[-2000:]
     warning = next(line for line in proc.stderr.splitlines() if "warning" in line)
     assert f"checkpoint {workdir / 'checkpoints' / str(PREFIX)} is unusable" in warning

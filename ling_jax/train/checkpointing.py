@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,12 @@ _OS_CAUSES = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.E
 
 
 def _first_line(error: BaseException) -> str:
-    """The error's first line, shortened, with its operating-system cause (e.g. a full disk) kept."""
+    """The first line of the error's root cause (Orbax wraps TensorStore's, which names the file),
+    shortened, with its operating-system cause (e.g. a full disk) kept."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
     full = str(error).strip()
     line = f"{type(error).__name__}: {full.splitlines()[0] if full else ''}"
     if len(line) > 300:
@@ -55,21 +61,32 @@ def _first_line(error: BaseException) -> str:
     return f"{line} ({cause})" if cause and cause not in line else line
 
 
+def _quiet_abandoned_coroutines() -> None:
+    """After a failed save or restore, Orbax's abandoned coroutines warn when collected; the
+    CheckpointError raised says it all."""
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+
+
 def _is_closed_loop_error(value) -> bool:
     return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
 
 def _quiet_closed_loop_callbacks() -> None:
-    """When a restore fails part-way, TensorStore reads still in flight complete after Orbax has
-    closed its asyncio loop; each of their callbacks reports a harmless "RuntimeError: Event loop
+    """When a save or restore fails part-way, TensorStore operations still in flight complete after
+    Orbax has closed its asyncio loop; each of their callbacks reports a harmless "RuntimeError: Event loop
     is closed" traceback (from TensorStore's threads, through sys.unraisablehook or sys.excepthook,
-    often before the restore's own error arrives). Drop those, and only those, for the process."""
+    often before the failure's own error arrives). Drop those, and only those (and the same failure
+    reported again by Orbax's abandoned read coroutines), for the rest of the process."""
     if getattr(sys.unraisablehook, "ling_jax_quiet", False):
         return
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
     def unraisable(info):
-        if not _is_closed_loop_error(info.exc_value):
+        # Orbax's read coroutines abandoned by the failed restore also report their errors when
+        # they are garbage-collected.
+        code = getattr(info.object, "cr_code", None)
+        from_orbax = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (_is_closed_loop_error(info.exc_value) or from_orbax):
             previous_unraisable(info)
 
     def excepthook(kind, value, tb):
@@ -78,6 +95,22 @@ def _quiet_closed_loop_callbacks() -> None:
 
     unraisable.ling_jax_quiet = True
     sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+_DIRECTORIES: set[str] = set()  # checkpoint folders of this process's Checkpointers
+
+
+def _raised_in_orbax(record: logging.LogRecord) -> bool:
+    """Raised in Orbax's code, or a TensorStore error about one of our checkpoint folders."""
+    message = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    if "orbax" in message or any(d in message for d in _DIRECTORIES):
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _QuietOrbaxErrors(logging.Filter):
@@ -90,8 +123,8 @@ class _QuietOrbaxErrors(logging.Filter):
             return True
         if f"{os.sep}orbax{os.sep}" in record.pathname:
             return False
-        # asyncio's "Task exception was never retrieved" for Orbax's own abandoned write tasks
-        return not (record.name == "asyncio" and "orbax" in record.getMessage())
+        # asyncio's "... exception was never retrieved" for Orbax's own abandoned tasks
+        return not (record.name == "asyncio" and _raised_in_orbax(record))
 
 
 _QUIET = _QuietOrbaxErrors()
@@ -143,6 +176,8 @@ def _data_digest(data_state: dict) -> str:
 class Checkpointer:
     def __init__(self, directory: Path, *, keep: int, async_save: bool = True):
         _quiet_orbax_errors()
+        _quiet_closed_loop_callbacks()
+        _DIRECTORIES.add(str(Path(directory).absolute()))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "integrity"))
@@ -173,6 +208,7 @@ class Checkpointer:
         try:
             saved = self.manager.save(step, args=args)
         except Exception as e:
+            _quiet_abandoned_coroutines()
             raise CheckpointError(f"saving a checkpoint to {self.directory} failed: {_first_line(e)}") from e
         if not saved:
             raise CheckpointError(
@@ -190,10 +226,10 @@ class Checkpointer:
         items = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         if has_integrity:
             items["integrity"] = ocp.args.JsonRestore()
-        _quiet_closed_loop_callbacks()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files; all mean the same here
+            _quiet_abandoned_coroutines()
             raise CorruptCheckpoint(path, _first_line(e)) from e
         state, data = restored.state, restored.data
         prints, finite = _fingerprints(state)
@@ -237,6 +273,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
+            _quiet_abandoned_coroutines()
             raise CheckpointError(f"saving a checkpoint to {self.directory} failed: {_first_line(e)}") from e
 
     def close(self) -> None:
