@@ -33,7 +33,12 @@ def test_no_global_activation_all_gather_on_an_expert_parallel_mesh():
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"v5p:2x2x2 unavailable in this libtpu: {err}")
     exp = small_experiment(
-        model={"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 64},
+        model={
+            "hidden_size": 256,
+            "intermediate_size": 256,
+            "moe_intermediate_size": 64,
+            "max_position_embeddings": 256,
+        },
         train={"batch_size": 8, "seq_len": 256},
     )
     exp = resolve_dispatch(exp, "tpu")

@@ -18,21 +18,13 @@ def main(argv):
     del argv
     from jax.sharding import NamedSharding
 
-    from ling_jax.data import build_datasets
     from ling_jax.sharding import batch_spec
-    from ling_jax.train.loop import evaluate
+    from ling_jax.train.loop import evaluate, experiment_datasets
     from ling_jax.train.run_dir import load_experiment, restore
     from ling_jax.train.step import make_eval_step
 
     exp = load_experiment(_WORKDIR.value)
-    data = build_datasets(
-        exp.data.source,
-        exp.data.tokenizer,
-        exp.train.seq_len,
-        exp.data.heldout_fraction,
-        exp.train.seed,
-        exp.data.max_tokens or None,
-    )
+    data = experiment_datasets(exp)
     if data.heldout is None:
         raise SystemExit(f"ling-jax eval: {_WORKDIR.value} was trained with data.heldout_fraction=0")
     state, _, step, mesh, shardings = restore(_WORKDIR.value, exp, _STEP.value)

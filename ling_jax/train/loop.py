@@ -23,10 +23,11 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from ling_jax.config import ConfigError
+from ling_jax.data import batch as batch_keys
 from ling_jax.data import build_datasets, check_token_ids, make_eval_batches, make_train_iterator
 from ling_jax.generate import generate
 from ling_jax.sharding import batch_spec, build_mesh
-from ling_jax.sharding.rules import BATCH_AXES
+from ling_jax.sharding.rules import mesh_axes
 from ling_jax.train import run_dir
 from ling_jax.train.checkpointing import Checkpointer, CheckpointError, CorruptCheckpoint
 from ling_jax.train.config import Experiment
@@ -55,9 +56,21 @@ class RunResult:
     records: list[dict]
 
 
+def experiment_datasets(exp: Experiment):
+    """The tokenizer, train and held-out data of `exp` (the same split for train, eval and tests)."""
+    return build_datasets(
+        exp.data.source,
+        exp.data.tokenizer,
+        exp.train.seq_len,
+        exp.data.heldout_fraction,
+        exp.train.seed,
+        exp.data.max_tokens or None,
+    )
+
+
 def check_batch_layout(exp: Experiment, mesh) -> None:
     """Fails before compilation when the global batch cannot be split as the mesh asks."""
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    shards = math.prod(mesh.shape[a] for a in mesh_axes("activation_batch", mesh.axis_names))
     if exp.train.batch_size % shards:
         raise ConfigError(
             f"train.batch_size={exp.train.batch_size} is not divisible by the batch-parallel devices "
@@ -165,14 +178,7 @@ def _run(exp: Experiment, workdir: Path, prepared, *, progress: bool, allow_conf
             f"is {exp.train.steps}, below the step of the newest checkpoint in {checkpointer.directory} "
             f"({listed}): nothing would be trained; set train.steps >= {listed} or use another --workdir",
         )
-    data = build_datasets(
-        exp.data.source,
-        exp.data.tokenizer,
-        exp.train.seq_len,
-        exp.data.heldout_fraction,
-        exp.train.seed,
-        exp.data.max_tokens or None,
-    )
+    data = experiment_datasets(exp)
     if data.tokenizer.vocab_size > exp.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -188,11 +194,7 @@ def _run(exp: Experiment, workdir: Path, prepared, *, progress: bool, allow_conf
     restored = restore_newest_good(checkpointer, abstract, shardings)
     if is_main:  # only now, when every check has passed
         run_dir.write_config(
-            workdir,
-            exp,
-            prepared.changes,
-            allowed_by_flag=allow_config_change,
-            step=restored[0] if restored else None,
+            workdir, exp, prepared.changes, allowed_by_flag=allow_config_change, step=restored[0] if restored else None
         )
     if restored is not None:
         latest, state, data_state = restored
@@ -218,7 +220,7 @@ def _run(exp: Experiment, workdir: Path, prepared, *, progress: bool, allow_conf
     try:
         while step < exp.train.steps:
             local = next(iterator)
-            check_token_ids(local["inputs"], exp.model.vocab_size, what=f"train batch {step} inputs")
+            check_token_ids(local[batch_keys.INPUTS], exp.model.vocab_size, what=f"train batch {step} inputs")
             state, metrics = train_step(state, _global_batch(local, batch_sharding))
             step += 1
             window_steps += 1

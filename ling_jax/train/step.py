@@ -19,9 +19,10 @@ import optax
 from jax.sharding import NamedSharding
 
 from ling_jax.config import ModelConfig
+from ling_jax.data import batch as batch_keys
 from ling_jax.loss import lm_loss
 from ling_jax.model import LingModel
-from ling_jax.ops.fp8 import FP8_STATS
+from ling_jax.ops.fp8 import FP8_STATS, fp8_impl
 from ling_jax.sharding.rules import LOGICAL_AXIS_RULES, batch_spec, replicated
 from ling_jax.train.balance import counts_like_bias, load_metrics, update_expert_bias
 from ling_jax.train.config import TrainConfig
@@ -33,19 +34,19 @@ Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions [B, T] i
 
 def _forward_loss(params, expert_bias, batch: Batch, model_cfg: ModelConfig, z_loss_weight: float):
     variables = {"params": params, "expert_bias": expert_bias}
-    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    args = (batch[batch_keys.INPUTS], batch[batch_keys.POSITIONS], batch[batch_keys.SEGMENT_IDS])
     model = LingModel(model_cfg)
     fp8_stats = None
-    if model_cfg.fp8 == "off":
+    if fp8_impl(model_cfg.fp8) is None:
         out = model.apply(variables, *args)
     else:  # FP8 projections sow their quantization statistics
         out, sown = model.apply(variables, *args, mutable=[FP8_STATS])
         fp8_stats = jax.tree.map(lambda t: t[0], sown[FP8_STATS], is_leaf=lambda x: isinstance(x, tuple))
-    token_mask = batch["segment_ids"] != 0
+    token_mask = batch[batch_keys.SEGMENT_IDS] != 0
     loss, metrics = lm_loss(
         out,
-        batch["targets"],
-        batch["loss_mask"],
+        batch[batch_keys.TARGETS],
+        batch[batch_keys.LOSS_MASK],
         mtp_weight=model_cfg.mtp_loss_weight,
         z_loss_weight=z_loss_weight,
         token_mask_BT=token_mask,
@@ -134,13 +135,13 @@ def eval_step(params, expert_bias, batch: Batch, *, model_cfg: ModelConfig) -> d
     """Summed next-token CE and token count (MTP excluded), for held-out loss."""
     out = LingModel(model_cfg).apply(
         {"params": params, "expert_bias": expert_bias},
-        batch["inputs"],
-        batch["positions"],
-        batch["segment_ids"],
+        batch[batch_keys.INPUTS],
+        batch[batch_keys.POSITIONS],
+        batch[batch_keys.SEGMENT_IDS],
         with_mtp=False,
     )
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch[batch_keys.TARGETS])
+    mask = batch[batch_keys.LOSS_MASK].astype(jnp.float32)
     return {"ce_sum": (ce * mask).sum(), "tokens": mask.sum()}
 
 

@@ -120,20 +120,13 @@ def main(spec: dict) -> dict:
     import jax
     from jax.sharding import NamedSharding
 
-    from ling_jax.data import build_datasets, make_train_iterator
+    from ling_jax.data import make_train_iterator
     from ling_jax.sharding import batch_spec
-    from ling_jax.train.loop import _global_batch
+    from ling_jax.train.loop import _global_batch, experiment_datasets
     from ling_jax.train.state import create_sharded_state, make_optimizer
 
     exp = small_experiment(model=spec.get("model"), train=spec.get("train"), data=spec.get("data"))
-    data = build_datasets(
-        exp.data.source,
-        exp.data.tokenizer,
-        exp.train.seq_len,
-        exp.data.heldout_fraction,
-        exp.train.seed,
-        exp.data.max_tokens or None,
-    )
+    data = experiment_datasets(exp)
     result = {"devices": jax.device_count(), "runs": {}}
     for run in spec.get("runs", [{"name": ""}]):
         run_exp = small_experiment(
