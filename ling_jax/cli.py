@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"ling-jax: {e}", file=sys.stderr)
             sys.exit(USAGE_EXIT)
     argv, debug = debug_requested(list(sys.argv if argv is None else argv))
+    if debug:  # one switch for the whole process: the checkpointer keeps Orbax's own error logs then
+        os.environ[DEBUG_ENV] = "1"
     if len(argv) < 2 or argv[1] not in COMMANDS:
         if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help"):
             print(f"ling-jax: unknown command {argv[1]!r}\n", file=sys.stderr)
@@ -130,12 +132,7 @@ def _check_config_file(command: str, argv: list[str]) -> Path | None:
 
 
 def _report(
-    command: str,
-    argv: list[str],
-    error: BaseException,
-    debug: bool,
-    config_file: Path | None,
-    parsing: bool = False,
+    command: str, argv: list[str], error: BaseException, debug: bool, config_file: Path | None, parsing: bool = False
 ) -> NoReturn:
     """Exits with one line naming what went wrong (and the traceback above it when debugging)."""
     if isinstance(error, SystemExit):

@@ -119,7 +119,12 @@ class _QuietOrbaxErrors(logging.Filter):
     CheckpointError line instead. LING_JAX_DEBUG=1 keeps them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or os.environ.get("LING_JAX_DEBUG", "") not in ("", "0"):
+        if record.levelno < logging.ERROR or os.environ.get("LING_JAX_DEBUG", "").strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        ):
             return True
         if f"{os.sep}orbax{os.sep}" in record.pathname:
             return False
