@@ -256,8 +256,7 @@ class ModelConfig:
             raise ConfigError("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor}")
         if self.head_dim * self.partial_rotary_factor != self.rotary_dim:
             raise ConfigError(
-                "partial_rotary_factor",
-                f"{self.partial_rotary_factor} x head_dim {self.head_dim} is not an integer",
+                "partial_rotary_factor", f"{self.partial_rotary_factor} x head_dim {self.head_dim} is not an integer"
             )
         if self.rotary_dim % 2:
             raise ConfigError(

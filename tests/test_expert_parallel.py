@@ -220,11 +220,7 @@ def test_uneven_splits_are_refused_with_the_sizes():
 
 # A rules table with batch over (data, fsdp) only, experts over fsdp, the expert width unsplit: what a
 # change to ling_jax/sharding/rules.py looks like to the routed-expert shard_map.
-RULES_VARIANT = (
-    ("activation_batch", ("data", "fsdp")),
-    ("exp", "fsdp"),
-    ("mlp_moe", None),
-)
+RULES_VARIANT = (("activation_batch", ("data", "fsdp")), ("exp", "fsdp"), ("mlp_moe", None))
 
 
 def test_shard_map_specs_follow_the_rules_table():

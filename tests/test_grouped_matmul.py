@@ -14,10 +14,7 @@ import pytest
 from ling_jax.ops import grouped_matmul as gm
 
 # M rows, K, N, group sizes (some empty, one ending in a partial tile).
-CASES = [
-    (1024, 256, 384, [0, 300, 5, 0, 519, 200]),
-    (2048, 512, 128, [256] * 8 + [0] * 8),
-]
+CASES = [(1024, 256, 384, [0, 300, 5, 0, 519, 200]), (2048, 512, 128, [256] * 8 + [0] * 8)]
 
 
 def _operands(m, k, n, sizes, dtype):

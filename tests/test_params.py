@@ -19,11 +19,7 @@ from ling_jax.train.config import experiment_from_config
 REPO = Path(__file__).resolve().parents[1]
 
 # Published totals (MTP excluded) / activated per token, and activated non-embedding where given.
-PUBLISHED = {
-    "ling_mini_2": (16e9, 1.4e9, 0.79e9),
-    "ling_flash_2": (100e9, 6.1e9, 4.8e9),
-    "ling_1t": (1e12, 50e9, None),
-}
+PUBLISHED = {"ling_mini_2": (16e9, 1.4e9, 0.79e9), "ling_flash_2": (100e9, 6.1e9, 4.8e9), "ling_1t": (1e12, 50e9, None)}
 
 
 def _model(name):

@@ -23,13 +23,7 @@ from ling_jax.ops.attention_core import causal_query_chunks
 from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import plan_state, state_layout
 from ling_jax.plan.program_flops import program_flops, traced_jaxpr
-from ling_jax.plan.search import (
-    communication_bytes,
-    evaluate_mesh,
-    factorizations,
-    mesh_rejection,
-    search_meshes,
-)
+from ling_jax.plan.search import communication_bytes, evaluate_mesh, factorizations, mesh_rejection, search_meshes
 from ling_jax.plan.topology import GiB, TopologyError, libtpu_missing_reason, parse_topology
 from ling_jax.train.config import experiment_from_config
 from ling_jax.train.flops import model_flops_per_token

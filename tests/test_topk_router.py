@@ -21,13 +21,7 @@ from pallas_kernels.topk_router import RouterKernelConfig, sigmoid_topk_route
 # (num_tokens, num_experts, top_k, n_group, topk_group): Ling 2.0's 256/8/8/4 routing, a
 # smaller grouped one, all groups kept, no grouping with top_k = 1 (no normalization), and a
 # token count spanning two kernel blocks with a partial last one.
-CASES = [
-    (64, 256, 8, 8, 4),
-    (37, 64, 6, 4, 2),
-    (50, 32, 4, 8, 8),
-    (20, 16, 1, 1, 1),
-    (300, 128, 8, 8, 4),
-]
+CASES = [(64, 256, 8, 8, 4), (37, 64, 6, 4, 2), (50, 32, 4, 8, 8), (20, 16, 1, 1, 1), (300, 128, 8, 8, 4)]
 SCALE = 2.5
 TIE_KINDS = ["random", "ties"]
 

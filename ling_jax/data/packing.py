@@ -150,11 +150,7 @@ class PackedRows:
 
 
 def pack_documents(
-    docs: Sequence[str],
-    tokenizer: Tokenizer,
-    seq_len: int,
-    *,
-    max_tokens: int | None = None,
+    docs: Sequence[str], tokenizer: Tokenizer, seq_len: int, *, max_tokens: int | None = None
 ) -> PackedRows:
     """Tokenizes, eos-terminates and packs `docs` into rows of `seq_len` inputs/targets."""
     if seq_len < 2:

@@ -128,11 +128,7 @@ def make_train_iterator(
 
 
 def make_eval_batches(
-    rows: PackedRows,
-    batch_size: int,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: PackedRows, batch_size: int, *, process_index: int | None = None, process_count: int | None = None
 ) -> Iterator[Batch]:
     """All rows once, in order, as global batches of `batch_size` (this process's share of each).
 
@@ -164,12 +160,7 @@ class Datasets(NamedTuple):
 
 
 def build_datasets(
-    source: str,
-    tokenizer_spec: str,
-    seq_len: int,
-    heldout_fraction: float,
-    seed: int,
-    max_tokens: int | None = None,
+    source: str, tokenizer_spec: str, seq_len: int, heldout_fraction: float, seed: int, max_tokens: int | None = None
 ) -> Datasets:
     """Loads a corpus, splits it by document, and packs both parts.
 

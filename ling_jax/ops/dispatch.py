@@ -83,8 +83,7 @@ def dispatch_ragged(x_ND, ids_Nk, weights_Nk, experts: ExpertWeights) -> jax.Arr
     group_sizes_E = jnp.bincount(flat_ids, length=E).astype(jnp.int32)
     xs_MD = x_ND[token_of]
     h_MF = _swiglu(
-        grouped_matmul(xs_MD, experts.gate_EDF, group_sizes_E),
-        grouped_matmul(xs_MD, experts.up_EDF, group_sizes_E),
+        grouped_matmul(xs_MD, experts.gate_EDF, group_sizes_E), grouped_matmul(xs_MD, experts.up_EDF, group_sizes_E)
     )
     out_MD = grouped_matmul(h_MF, experts.down_EFD, group_sizes_E)
     out_NkD = jnp.zeros_like(out_MD).at[order].set(out_MD).reshape(N, k, -1)

@@ -32,14 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ling_jax.ops.blocked_layout import (
-    BlockLayout,
-    block_inputs,
-    row_weights,
-    silu_and_grad,
-    take_rows,
-    zeros_varying,
-)
+from ling_jax.ops.blocked_layout import BlockLayout, block_inputs, row_weights, silu_and_grad, take_rows, zeros_varying
 from ling_jax.ops.fp8 import scaled_gemm
 from pallas_kernels.fp8_matmul import QUANT_BLOCK, quantize_blocks, quantize_tiles
 from shard_typing import reduce_to_varying, varying_axes

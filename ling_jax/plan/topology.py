@@ -23,11 +23,7 @@ NO_LIBTPU_ENV = "LING_JAX_NO_LIBTPU"
 # What libtpu would otherwise discover from the TPU VM's metadata server and print warnings about
 # ("Failed to find host bounds ...", "unexpected worker hostname ...") on a host without TPUs: one host,
 # this one. Describing a topology for an ahead-of-time compile needs no runtime discovery.
-AOT_LIBTPU_ENV = {
-    "TPU_SKIP_MDS_QUERY": "1",
-    "TPU_HOST_BOUNDS": "1,1,1",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-}
+AOT_LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_HOST_BOUNDS": "1,1,1", "TPU_WORKER_HOSTNAMES": "localhost"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,4 @@ def update_expert_bias(expert_bias, counts_tree, rate: float):
 def load_metrics(counts_LE: jax.Array) -> dict[str, jax.Array]:
     """Per-layer max/mean load and coefficient of variation of expert token counts [L, E]."""
     mean_L = jnp.maximum(jnp.mean(counts_LE, axis=-1), 1e-9)
-    return {
-        "load_max_over_mean": jnp.max(counts_LE, axis=-1) / mean_L,
-        "load_cv": jnp.std(counts_LE, axis=-1) / mean_L,
-    }
+    return {"load_max_over_mean": jnp.max(counts_LE, axis=-1) / mean_L, "load_cv": jnp.std(counts_LE, axis=-1) / mean_L}
