@@ -36,6 +36,7 @@ Prints a table, then one JSON line: {"peak_gflops": ..., "results": [...], "refe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -65,31 +66,6 @@ from ling_jax.train.state import create_sharded_state, make_optimizer  # noqa: E
 from ling_jax.train.step import make_train_step  # noqa: E402
 
 SHAPES = {
-    "tiny": dict(
-        model=dict(
-            vocab_size=258,
-            hidden_size=128,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=32,
-            intermediate_size=384,
-            num_experts=16,
-            num_experts_per_tok=2,
-            n_group=4,
-            topk_group=2,
-            num_shared_experts=1,
-            moe_intermediate_size=64,
-            first_k_dense_replace=1,
-            num_mtp_layers=1,
-            mtp_loss_weight=0.1,
-            max_position_embeddings=1024,
-            rope_theta=10000.0,
-            init_std=0.02,
-        ),
-        batch_size=16,
-        seq_len=128,
-    ),
     "bench": dict(
         model=dict(
             vocab_size=512,
@@ -142,13 +118,26 @@ SHAPES = {
 }
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_preset() -> dict:
+    """The tiny shape: configs/tiny.py's model, batch and sequence length, read from the preset itself."""
+    spec = importlib.util.spec_from_file_location("tiny_preset", REPO_ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    preset = module.get_config()
+    return dict(model=preset.model.to_dict(), batch_size=preset.train.batch_size, seq_len=preset.train.seq_len)
+
+
+SHAPES["tiny"] = _tiny_preset()
 SHAPES["bench_ref"] = dict(
     model={**SHAPES["bench"]["model"], "num_mtp_layers": 0},
     batch_size=SHAPES["bench"]["batch_size"],
     seq_len=SHAPES["bench"]["seq_len"],
 )
 REFERENCE_SHAPE = "bench_ref"
-REFERENCE_BENCH = Path(__file__).resolve().parents[2] / "shared" / "tools" / "reference-bench"
+REFERENCE_BENCH = REPO_ROOT.parent / "shared" / "tools" / "reference-bench"
 
 
 def experiment(shape: str, moe_dispatch: str | None, remat: str, dtype: str = "float32") -> Experiment:
