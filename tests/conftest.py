@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice.common import SMALL_MODEL
 
 from ling_jax.config import ModelConfig, RopeScaling
 
@@ -94,25 +95,12 @@ def tiny_config(**changes) -> ModelConfig:
     """The whole architecture at toy size: 3 layers (1 dense + 2 MoE), 8 experts top-2 in 4 groups
     (keep 2), a shared expert, 1 MTP layer, GQA 4/2, head_dim 8 with partial rotary 0.5, QK-norm."""
     base = dict(
+        SMALL_MODEL,
         vocab_size=64,
-        hidden_size=32,
         num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        num_experts=8,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        num_shared_experts=1,
-        moe_intermediate_size=16,
-        first_k_dense_replace=1,
-        num_mtp_layers=1,
         mtp_loss_weight=0.3,
         partial_rotary_factor=0.5,
         rope_theta=10000.0,
-        max_position_embeddings=64,
         use_qk_norm=True,
         eos_token_id=62,
         pad_token_id=63,

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from multidevice.common import SMALL_MODEL
 
 from cpu_kernels.moe_experts import available as moe_experts_available
 
@@ -71,23 +72,7 @@ def layer_worker() -> dict:
     from ling_jax.sharding.rules import BATCH_AXES, LOGICAL_AXIS_RULES, logical_shardings
 
     results = {}
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        num_experts=8,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        num_shared_experts=1,
-        moe_intermediate_size=16,
-        first_k_dense_replace=1,
-        init_std=0.3,
-    )
+    base = dict(SMALL_MODEL, vocab_size=64, init_std=0.3)  # the MoE layer alone: MTP and positions unused
     kx, kc, kp, kb = jax.random.split(jax.random.PRNGKey(0), 4)
     x_BTD = jax.random.normal(kx, (B, T, 32))
     ct_BTD = jax.random.normal(kc, (B, T, 32))
