@@ -1,17 +1,3 @@
-"""Ling-flash-2.0: 100B total / 6.1B activated (published shape, ../shared/docs/ling2-spec.md)."""
+"""The packaged `ling_flash_2` preset (ling_jax/configs/ling_flash_2.py), here where people look for configs."""
 
-from ling_jax.train.config import ling2_config
-
-
-def get_config():
-    return ling2_config(
-        layers=32,
-        hidden=4096,
-        heads=32,
-        kv_heads=4,
-        dense_width=9216,
-        expert_width=1024,
-        dense_layers=1,
-        batch_size=8352,
-        learning_rate=2.61e-4,
-    )
+from ling_jax.configs.ling_flash_2 import get_config  # noqa: F401

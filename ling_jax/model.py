@@ -11,7 +11,7 @@ is a ValueError at trace time.
 
 The dense prefix and the MoE layers are two `nn.scan` stacks. Packed sequences pass
 `segment_ids` (0 = padding) and per-document `positions`; attention never crosses segments.
-Decoding passes a fixed-size `DecodeCache` (see ling_jax/generate.py).
+Decoding passes a fixed-size `DecodeCache` (see ling_jax/decoding/generate.py).
 
 With `fp8` on, the output head (lm_head, shared by the MTP layers) is a blockwise FP8 matmul too:
 ling2-spec.md's FP8 line keeps only the router, expert bias and attention softmax in high precision

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.generate import generate
+from ling_jax.decoding.generate import generate
+from ling_jax.decoding.sampling import sample_logits
 from ling_jax.model import LingModel
-from ling_jax.sampling import sample_logits
 
 PROMPTS = [[5, 17, 3, 40, 22], [9, 31, 2]]
 N_NEW = 6
@@ -218,7 +218,7 @@ def test_sample_logits_checks_its_settings_at_trace_time(kwargs, match):
 
 
 def test_decode_state_is_named():
-    from ling_jax.generate import _DecodeState
+    from ling_jax.decoding.generate import _DecodeState
 
     assert _DecodeState._fields == (
         "step",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental import checkify
 
-from ling_jax.generate import generate, init_cache
+from ling_jax.decoding.generate import generate, init_cache
 from ling_jax.loss import causal_lm_targets, lm_loss
 from ling_jax.model import LingModel
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.generate import generate
+from ling_jax.decoding.generate import generate
 from ling_jax.hf import load_checkpoint
 from ling_jax.hf.checkpoint import iter_hf_tensors
 from ling_jax.loss import causal_lm_targets, lm_loss

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
 
 def define_config_flag():

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ling_jax.config import ConfigError
 from ling_jax.data import batch as batch_keys
 from ling_jax.data import build_datasets, check_token_ids, make_eval_batches, make_train_iterator
-from ling_jax.generate import generate
+from ling_jax.decoding.generate import generate
 from ling_jax.sharding import batch_spec, build_mesh
 from ling_jax.sharding.rules import mesh_axes
 from ling_jax.train import run_dir

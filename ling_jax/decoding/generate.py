@@ -18,9 +18,9 @@ import numpy as np
 
 from ling_jax.config import ModelConfig
 from ling_jax.data import check_token_ids
+from ling_jax.decoding.sampling import sample_logits, validate_sampling
 from ling_jax.layers.attention import KVCache
 from ling_jax.model import DecodeCache, LingModel
-from ling_jax.sampling import sample_logits, validate_sampling
 
 
 class GenerateOutput(NamedTuple):
