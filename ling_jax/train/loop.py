@@ -119,13 +119,39 @@ def evaluate(exp: Experiment, params, expert_bias, rows, eval_step, sharding, ma
     return total / max(tokens, 1.0)
 
 
-def run(exp: Experiment, workdir: str | Path, *, progress: bool = True, allow_config_change: bool = False) -> RunResult:
+def run(
+    exp: Experiment,
+    workdir: str | Path,
+    *,
+    progress: bool = True,
+    allow_config_change: bool = False,
+    datasets=None,
+    init_variables=None,
+    on_start=None,
+) -> RunResult:
     """Trains `exp` in `workdir`, resuming from its newest usable checkpoint. Raises RunDirError
-    (the directory cannot be used; nothing written), RunStopped, or ConfigError, each one line."""
+    (the directory cannot be used; nothing written), RunStopped, or ConfigError, each one line.
+
+    For other stages than pre-training (ling_jax/posttrain): `datasets` replaces
+    `experiment_datasets(exp)` (an object with `train`, `heldout` and `tokenizer`, the rows having
+    `batch(indices)`, `seq_len`, `pad_id`, `tokens_L` and a length, like PackedRows); a fresh run
+    (no checkpoint to resume) starts from `init_variables` ({"params", "expert_bias"}, e.g. from
+    ling_jax.train.init_from) instead of a random init; `on_start(stored_config)` is called on the
+    main process once the directory is checked, locked and its config.json written (None for a
+    fresh directory), before training."""
     workdir = Path(workdir)
     prepared = run_dir.prepare(workdir, exp, allow_change=allow_config_change, process_index=jax.process_index())
     try:
-        return _run(exp, workdir, prepared, progress=progress, allow_config_change=allow_config_change)
+        return _run(
+            exp,
+            workdir,
+            prepared,
+            progress=progress,
+            allow_config_change=allow_config_change,
+            datasets=datasets,
+            init_variables=init_variables,
+            on_start=on_start,
+        )
     finally:
         prepared.lock.release()
 
@@ -156,6 +182,20 @@ def restore_newest_good(checkpointer: Checkpointer, abstract, shardings):
     return None
 
 
+def _place_like(tree, like, name: str):
+    """`tree`'s leaves put on `like`'s shardings in `like`'s dtypes; ValueError naming the first
+    leaf whose path or shape differs."""
+    got = dict(jax.tree_util.tree_leaves_with_path(tree))
+    want = dict(jax.tree_util.tree_leaves_with_path(like))
+    for path in sorted(got.keys() | want.keys(), key=jax.tree_util.keystr):
+        if path not in got or path not in want or np.shape(got[path]) != want[path].shape:
+            shapes = [np.shape(t[path]) if path in t else "absent" for t in (got, want)]
+            raise ValueError(
+                f"init {name}{jax.tree_util.keystr(path)}: shape {shapes[0]} does not fit the model's {shapes[1]}"
+            )
+    return jax.tree.map(lambda x, y: jax.device_put(np.asarray(x, y.dtype), y.sharding), tree, like)
+
+
 def _newest_checkpoint_line(checkpointer: Checkpointer) -> str:
     steps = checkpointer.all_steps()
     if not steps:
@@ -163,7 +203,17 @@ def _newest_checkpoint_line(checkpointer: Checkpointer) -> str:
     return f"The newest checkpoint, {checkpointer.path(steps[-1])}, holds finite values (every saved one does)."
 
 
-def _run(exp: Experiment, workdir: Path, prepared, *, progress: bool, allow_config_change: bool) -> RunResult:
+def _run(
+    exp: Experiment,
+    workdir: Path,
+    prepared,
+    *,
+    progress: bool,
+    allow_config_change: bool,
+    datasets=None,
+    init_variables=None,
+    on_start=None,
+) -> RunResult:
     is_main = jax.process_index() == 0
     mesh = build_mesh(exp.mesh.axes)
     check_batch_layout(exp, mesh)
@@ -178,7 +228,7 @@ def _run(exp: Experiment, workdir: Path, prepared, *, progress: bool, allow_conf
             f"is {exp.train.steps}, below the step of the newest checkpoint in {checkpointer.directory} "
             f"({listed}): nothing would be trained; set train.steps >= {listed} or use another --workdir",
         )
-    data = experiment_datasets(exp)
+    data = experiment_datasets(exp) if datasets is None else datasets
     if data.tokenizer.vocab_size > exp.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -196,12 +246,19 @@ def _run(exp: Experiment, workdir: Path, prepared, *, progress: bool, allow_conf
         run_dir.write_config(
             workdir, exp, prepared.changes, allowed_by_flag=allow_config_change, step=restored[0] if restored else None
         )
+        if on_start is not None:
+            on_start(prepared.stored)
     if restored is not None:
         latest, state, data_state = restored
         iterator.set_state(data_state)
         print(f"resumed from {checkpointer.directory}/{latest}")
     else:
         state, _ = create_sharded_state(exp.model, optimizer, mesh, exp.train.seed)
+        if init_variables is not None:  # a later stage: start from these weights, fresh optimizer
+            state = state.replace(
+                params=_place_like(init_variables["params"], state.params, "params"),
+                expert_bias=_place_like(init_variables.get("expert_bias", {}), state.expert_bias, "expert_bias"),
+            )
     train_step = make_train_step(exp.model, exp.train, optimizer, mesh, shardings)
     eval_step = make_eval_step(exp.model, mesh, shardings)
     batch_sharding = NamedSharding(mesh, batch_spec())
