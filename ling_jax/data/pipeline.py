@@ -7,6 +7,12 @@ batch: the index stream is batched by B/P and process p keeps every P-th local b
 p-th on (`MapDataset.slice`), so it only ever reads its own rows. Rows are then materialised with
 the vectorised `PackedRows.batch`.
 
+Passkey mix. With `passkey_fraction` f > 0, `build_datasets` adds passkey-retrieval samples
+(ling_jax/tasks/passkey.py) to the train rows: one sample per row, exactly a row long (T - 1
+tokens and eos, so positions start at 0 with the sample and the needle is always in the row), f of
+all train rows (round(f / (1 - f) x the corpus rows)), depths uniform in [0, 1], seeded by `seed`.
+The held-out split stays corpus only, so held-out loss means the same with or without the mix.
+
 Resume. `get_state()` returns a small JSON-serializable dict (Grain's iterator state plus the
 settings that define the stream); `set_state` checks those settings and restores Grain's state,
 after which the iterator yields exactly the batches an uninterrupted run would have. Grain's state
@@ -16,6 +22,7 @@ global batch size, seed and rows are the same.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -50,12 +57,108 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class MixedRows:
+    """Several PackedRows of one seq_len as one random-access source (what `TrainIterator` reads):
+    rows 0..len(parts[0])-1 are parts[0]'s, then parts[1]'s, and so on."""
+
+    parts: tuple[PackedRows, ...]
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError("MixedRows needs at least one part")
+        lengths = {p.seq_len for p in self.parts}
+        if len(lengths) != 1:
+            raise ValueError(f"MixedRows parts have different seq_len: {sorted(lengths)}")
+
+    @property
+    def seq_len(self) -> int:
+        return self.parts[0].seq_len
+
+    @property
+    def pad_id(self) -> int:
+        return self.parts[0].pad_id
+
+    @property
+    def tokens_L(self) -> np.ndarray:
+        """Every part's token stream, concatenated (for corpus statistics)."""
+        return np.concatenate([p.tokens_L for p in self.parts])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.parts)
+
+    @property
+    def part_sizes(self) -> tuple[int, ...]:
+        return tuple(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return sum(self.part_sizes)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        return {k: v[0] for k, v in self.batch(np.array([index])).items()}
+
+    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows at `indices` ([N] ints in [0, len)) as a dict of [N, T] arrays."""
+        indices_N = np.asarray(indices, dtype=np.int64)
+        ends_P = np.cumsum(self.part_sizes)
+        part_N = np.searchsorted(ends_P, indices_N, side="right")
+        out = None
+        for k, part in enumerate(self.parts):
+            take_N = part_N == k
+            if not take_N.any():
+                continue
+            rows = part.batch(indices_N[take_N] - (ends_P[k] - len(part)))
+            if out is None:
+                out = {key: np.zeros((len(indices_N), *v.shape[1:]), v.dtype) for key, v in rows.items()}
+            for key, v in rows.items():
+                out[key][take_N] = v
+        return out
+
+
+def passkey_rows(tokenizer, seq_len: int, num_rows: int, seed: int) -> PackedRows:
+    """`num_rows` passkey samples, one per row: each T - 1 tokens plus eos, so row r is sample r."""
+    from ling_jax.tasks import passkey  # the task imports the model: only when the mix is on
+
+    docs = passkey.training_documents(tokenizer, num_rows, seq_len - 1, seed)
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    eos_1 = np.array([tokenizer.eos_id])
+    tokens_L = np.concatenate([np.concatenate([d, eos_1]) for d in docs]).astype(dtype)
+    pad_id = getattr(tokenizer, "pad_id", None)
+    return PackedRows(
+        tokens_L=tokens_L,
+        doc_starts_D=np.arange(num_rows, dtype=np.int64) * seq_len,
+        seq_len=seq_len,
+        pad_id=tokenizer.eos_id if pad_id is None else int(pad_id),
+    )
+
+
+def mix_passkey(rows: PackedRows, tokenizer, passkey_fraction: float, seed: int) -> PackedRows | MixedRows:
+    """`rows` plus passkey rows making up `passkey_fraction` of the result (see the module docstring)."""
+    if not 0.0 <= passkey_fraction < 1.0:
+        raise ValueError(f"passkey_fraction must be in [0, 1), got {passkey_fraction}")
+    if passkey_fraction == 0.0:
+        return rows
+    from ling_jax.tasks import passkey
+
+    shortest = passkey.min_length(tokenizer) + 1
+    if rows.seq_len < shortest:
+        raise ValueError(
+            f"a passkey_fraction > 0 needs seq_len >= {shortest} (a passkey sample and eos), got {rows.seq_len}"
+        )
+    num_passkey = max(1, round(passkey_fraction / (1.0 - passkey_fraction) * len(rows)))
+    return MixedRows((rows, passkey_rows(tokenizer, rows.seq_len, num_passkey, seed)))
+
+
 class TrainIterator:
     """Endless iterator over this process's [B/P, T] share of each shuffled global batch."""
 
     def __init__(
         self,
-        rows: PackedRows,
+        rows: PackedRows | MixedRows,
         *,
         global_batch_size: int,
         seed: int,
@@ -105,7 +208,7 @@ class TrainIterator:
 
 
 def make_train_iterator(
-    rows: PackedRows,
+    rows: PackedRows | MixedRows,
     *,
     global_batch_size: int,
     seed: int,
@@ -154,25 +257,34 @@ def make_eval_batches(
 
 
 class Datasets(NamedTuple):
-    train: PackedRows
+    train: PackedRows | MixedRows  # MixedRows with a passkey mix
     heldout: PackedRows | None  # None when heldout_fraction == 0.
     tokenizer: ByteTokenizer | HFTokenizer
 
 
 def build_datasets(
-    source: str, tokenizer_spec: str, seq_len: int, heldout_fraction: float, seed: int, max_tokens: int | None = None
+    source: str,
+    tokenizer_spec: str,
+    seq_len: int,
+    heldout_fraction: float,
+    seed: int,
+    max_tokens: int | None = None,
+    passkey_fraction: float = 0.0,
 ) -> Datasets:
-    """Loads a corpus, splits it by document, and packs both parts.
+    """Loads a corpus, splits it by document, packs both parts, and mixes passkey rows into train.
 
     `source`: "stdlib" (the Python standard library's sources, see `stdlib_corpus`) or a
     .txt/.jsonl file, a directory of them, or a glob. `tokenizer_spec`: see `load_tokenizer`.
     `max_tokens` caps the total packed tokens, split between train and heldout in proportion to
-    `heldout_fraction`. Bad input raises ValueError naming the problem.
+    `heldout_fraction` (passkey rows come on top). `passkey_fraction`: see the module docstring.
+    Bad input raises ValueError naming the problem.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2 (or None), got {max_tokens}")
+    if not 0.0 <= passkey_fraction < 1.0:
+        raise ValueError(f"passkey_fraction must be in [0, 1), got {passkey_fraction}")
     tokenizer = load_tokenizer(tokenizer_spec)
     docs = stdlib_corpus(seed=seed) if source == "stdlib" else read_text_files(find_text_files(source))
     if not docs:
@@ -184,7 +296,9 @@ def build_datasets(
         train_budget = max_tokens - heldout_budget
         if train_budget < 2:
             raise ValueError(f"max_tokens={max_tokens} leaves {train_budget} train tokens after the heldout share")
-    train = pack_documents(train_docs, tokenizer, seq_len, max_tokens=train_budget)
+    train = mix_passkey(
+        pack_documents(train_docs, tokenizer, seq_len, max_tokens=train_budget), tokenizer, passkey_fraction, seed
+    )
     heldout = None
     if heldout_docs:
         heldout = pack_documents(heldout_docs, tokenizer, seq_len, max_tokens=heldout_budget)

@@ -27,6 +27,7 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     heldout_fraction: float = 0.02
     max_tokens: int = 0  # 0 = the whole corpus
+    passkey_fraction: float = 0.0  # share of train rows that are passkey-retrieval samples (ling_jax/tasks/passkey.py)
 
     def __post_init__(self):
         check_field_types(self, "data.")
@@ -34,6 +35,7 @@ class DataConfig:
             _require("data", name, bool(getattr(self, name).strip()), "a non-empty string", getattr(self, name))
         _require("data", "heldout_fraction", 0.0 <= self.heldout_fraction < 1.0, "in [0, 1)", self.heldout_fraction)
         _require("data", "max_tokens", self.max_tokens >= 0, ">= 0 (0: the whole corpus)", self.max_tokens)
+        _require("data", "passkey_fraction", 0.0 <= self.passkey_fraction < 1.0, "in [0, 1)", self.passkey_fraction)
 
 
 @dataclasses.dataclass(frozen=True)

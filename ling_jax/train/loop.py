@@ -65,6 +65,7 @@ def experiment_datasets(exp: Experiment):
         exp.data.heldout_fraction,
         exp.train.seed,
         exp.data.max_tokens or None,
+        passkey_fraction=exp.data.passkey_fraction,
     )
 
 
