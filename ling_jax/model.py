@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from ling_jax.config import ModelConfig
-from ling_jax.layers.attention import KVCache, attention_mask
+from ling_jax.layers.attention import KVCache, attention_mask, write_slots
 from ling_jax.layers.basic import RMSNorm, param_with_axes
 from ling_jax.layers.decoder import ACTIVATION_AXES, MTPLayer, mtp_name
 from ling_jax.layers.moe import RouterStats
@@ -41,12 +41,15 @@ from ling_jax.ops.rope import rope_cos_sin
 
 class DecodeCache(NamedTuple):
     """KV caches of the dense and MoE stacks ([L, B, S, K, Dh] each), the segment id of every slot
-    [B, S] (0 = empty or padding) and the next slot to write (int32 scalar)."""
+    [B, S] (0 = empty or padding) and the next slot to write: an int32 scalar, or [B] when rows
+    advance separately (speculative decoding). `mtp` is MTP layer 0's cache [B, S, K, Dh], used by
+    the draft call (`mtp_hidden_BTD`); a draft cache holds only it (dense = moe = None)."""
 
     dense: KVCache | None
     moe: KVCache | None
     segment_ids_BS: jax.Array
     index: jax.Array
+    mtp: KVCache | None = None
 
 
 @flax.struct.dataclass
@@ -79,8 +82,17 @@ class LingModel(nn.Module):
         segment_ids_BT: jax.Array | None = None,
         cache: DecodeCache | None = None,
         with_mtp: bool = True,
+        mtp_hidden_BTD: jax.Array | None = None,
     ) -> LingOutput:
+        """The forward. With a `cache`, decoding: the main stack reads and extends the cache. With a
+        cache and `mtp_hidden_BTD` (a draft step of speculative decoding), only MTP layer 0 runs, on
+        embed(input_ids) and those hidden states (the main model's final hidden, or MTP layer 0's own
+        output when drafting recurrently), with `cache.mtp`; logits and final_hidden are then the MTP
+        layer's (predicting the token after input_ids), mtp_logits / mtp_hidden are None."""
         cfg = self.config
+        drafting = mtp_hidden_BTD is not None
+        if drafting and (cache is None or cache.mtp is None or not cfg.num_mtp_layers):
+            raise ValueError("an MTP draft step needs num_mtp_layers >= 1 and a DecodeCache with an mtp cache")
         B, T = input_ids_BT.shape
         # Shapes are static: plain Python checks, at trace time.
         if not jnp.issubdtype(input_ids_BT.dtype, jnp.integer):
@@ -99,7 +111,7 @@ class LingModel(nn.Module):
                 hi=ids.max(),
             )
         start = jnp.int32(0) if cache is None else cache.index
-        index_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        index_BT = jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(T, dtype=jnp.int32), (B, T))
         if positions_BT is None:
             positions_BT = index_BT
         if segment_ids_BT is None:
@@ -129,7 +141,7 @@ class LingModel(nn.Module):
             mask_BTS = attention_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT)
             new_segments_BS = None
         else:
-            new_segments_BS = jax.lax.dynamic_update_slice(cache.segment_ids_BS, segment_ids_BT, (0, cache.index))
+            new_segments_BS = write_slots(cache.segment_ids_BS, segment_ids_BT, cache.index)
             S = new_segments_BS.shape[1]
             slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
             mask_BTS = attention_mask(segment_ids_BT, new_segments_BS, index_BT, slots_BS)
@@ -138,7 +150,7 @@ class LingModel(nn.Module):
         hidden, router, caches = [emb_BTD[None]], None, {}
         common = (cos_BTR, sin_BTR, mask_BTS, token_mask_BT, None if cache is None else cache.index)
         for name, is_moe, n in (("dense", False, cfg.num_dense_layers), ("moe", True, cfg.num_moe_layers)):
-            if n == 0:
+            if n == 0 or drafting:
                 caches[name] = None
                 continue
             layer_cache = None if cache is None else getattr(cache, name)
@@ -149,7 +161,7 @@ class LingModel(nn.Module):
             router = _concat_stats(router, stats)
 
         final_norm = RMSNorm(cfg.rms_norm_eps, "norm", cfg.jnp_param_dtype, name="final_norm")
-        final_BTD = final_norm(x_BTD)
+        final_BTD = x_BTD if drafting else final_norm(x_BTD)  # drafting: replaced by the MTP layer's output
         if cfg.tie_word_embeddings:
             lm_head_DV = embedding_VD.T
         else:
@@ -180,12 +192,17 @@ class LingModel(nn.Module):
                     self.sow(FP8_STATS, f"lm_head_{prefix}_{name}", stat)
 
         mtp_logits = mtp_hidden = mtp_router = None
-        if cfg.num_mtp_layers and with_mtp and cache is None:
+        new_mtp_cache = None if cache is None else cache.mtp
+        if drafting:
+            final_BTD, router, new_mtp_cache = MTPLayer(cfg, name=mtp_name(0))(
+                emb_BTD, mtp_hidden_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, cache.index, cache.mtp
+            )
+        elif cfg.num_mtp_layers and with_mtp and cache is None:
             ids_BT, h_BTD, outs = input_ids_BT, final_BTD, []
             for i in range(cfg.num_mtp_layers):
                 # As the reference: ids shifted left by one more per MTP layer, vacated slots get id 0.
                 ids_BT = jnp.concatenate([ids_BT[:, 1:], jnp.zeros((B, 1), ids_BT.dtype)], axis=1)
-                h_BTD, stats = MTPLayer(cfg, name=mtp_name(i))(
+                h_BTD, stats, _ = MTPLayer(cfg, name=mtp_name(i))(
                     embed(ids_BT), h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT
                 )
                 outs.append((h_BTD, stats))
@@ -196,7 +213,7 @@ class LingModel(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = DecodeCache(caches["dense"], caches["moe"], new_segments_BS, cache.index + T)
+            new_cache = DecodeCache(caches["dense"], caches["moe"], new_segments_BS, cache.index + T, new_mtp_cache)
         return LingOutput(
             logits=logits(final_BTD),
             mtp_logits=mtp_logits,

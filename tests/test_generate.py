@@ -21,7 +21,7 @@ N_NEW = 6
 
 @pytest.fixture(scope="module")
 def greedy(gen_cfg, gen_vars):
-    return generate(gen_cfg, gen_vars, PROMPTS, max_new_tokens=N_NEW)
+    return generate(gen_cfg, gen_vars, PROMPTS, max_new_tokens=N_NEW, return_logits=True)
 
 
 def test_greedy_equals_argmax_of_no_cache_loop(gen_cfg, gen_vars, greedy, fast_jit):
@@ -45,9 +45,26 @@ def test_greedy_equals_argmax_of_no_cache_loop(gen_cfg, gen_vars, greedy, fast_j
         for i, s in enumerate(seqs):
             last = logits[i, len(s) - 1]
             assert greedy.tokens[i, step] == np.argmax(last), f"row {i} step {step}"
-            np.testing.assert_allclose(greedy.step_logits[i, step], last, atol=2e-5, rtol=2e-5)
+            np.testing.assert_allclose(greedy.logits[i, step], last, atol=2e-5, rtol=2e-5)
             s.append(int(np.argmax(last)))
     np.testing.assert_array_equal(greedy.lengths, [N_NEW, N_NEW])
+
+
+def test_logprobs_are_unfiltered_log_softmax_of_the_logits(gen_cfg, gen_vars, greedy):
+    """logprobs: log softmax(raw logits)[token] at temperature 1, whatever the sampling settings (the
+    RL policy log-prob); the lean default output equals the return_logits one and holds no logits."""
+    expected = np.take_along_axis(jax.nn.log_softmax(greedy.logits, axis=-1), greedy.tokens[..., None], axis=-1)
+    np.testing.assert_allclose(greedy.logprobs, expected[..., 0], atol=1e-6, rtol=1e-6)
+    assert greedy.logprobs.dtype == np.float32 and np.all(greedy.logprobs < 0)
+    lean = generate(gen_cfg, gen_vars, PROMPTS, max_new_tokens=N_NEW)
+    assert lean.logits is None
+    np.testing.assert_array_equal(lean.tokens, greedy.tokens)
+    np.testing.assert_array_equal(lean.logprobs, greedy.logprobs)
+    hot = generate(
+        gen_cfg, gen_vars, PROMPTS, max_new_tokens=N_NEW, temperature=0.5, top_k=3, seed=1, return_logits=True
+    )
+    expected = np.take_along_axis(jax.nn.log_softmax(hot.logits, axis=-1), hot.tokens[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(hot.logprobs, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_stop_tokens_stop_rows_independently(gen_cfg, gen_vars, greedy):
@@ -69,6 +86,8 @@ def test_stop_tokens_stop_rows_independently(gen_cfg, gen_vars, greedy):
         np.testing.assert_array_equal(out.tokens[row, :n], tokens[row, :n])
         assert np.all(out.tokens[row, n:] == pad), out.tokens[row]
     assert out.tokens[0, s0] == stop
+    np.testing.assert_array_equal(out.logprobs[0, s0 + 1 :], 0.0)  # 0 after a row stops
+    np.testing.assert_array_equal(out.logprobs[0, : s0 + 1], greedy.logprobs[0, : s0 + 1])
 
 
 def test_temperature_with_top_k_1_is_greedy(gen_cfg, gen_vars, greedy):
@@ -77,14 +96,14 @@ def test_temperature_with_top_k_1_is_greedy(gen_cfg, gen_vars, greedy):
 
 
 def test_sampling_is_deterministic_per_seed_and_respects_top_p(gen_cfg, gen_vars):
-    kw = dict(max_new_tokens=N_NEW, temperature=1.0, top_p=0.9)
+    kw = dict(max_new_tokens=N_NEW, temperature=1.0, top_p=0.9, return_logits=True)
     a = generate(gen_cfg, gen_vars, PROMPTS, seed=3, **kw)
     b = generate(gen_cfg, gen_vars, PROMPTS, seed=3, **kw)
     c = generate(gen_cfg, gen_vars, PROMPTS, seed=4, **kw)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     for out in (a, c):  # every sampled token lies in the nucleus of its step's distribution
-        probs = jax.nn.softmax(out.step_logits, axis=-1)
+        probs = jax.nn.softmax(out.logits, axis=-1)
         for i in range(2):
             for t in range(N_NEW):
                 p = np.asarray(probs[i, t])
@@ -228,6 +247,7 @@ def test_decode_state_is_named():
         "done_B",
         "rng",
         "tokens_BN",
-        "step_logits_BNV",
+        "logprobs_BN",
+        "logits_BNV",
         "lengths_B",
     )

@@ -226,11 +226,11 @@ def test_batched_left_padded_generation_equals_each_alone(gen_cfg, gen_vars):
     """The shorter prompt is left-padded in the batch; alone it is not padded at all. (The longer,
     unpadded row is checked against a no-cache greedy loop in tests/test_generate.py.)"""
     prompts = [[5, 17, 3, 40, 22], [9, 31, 2]]  # as tests/test_generate.py: the batch compile is shared
-    batch = generate(gen_cfg, gen_vars, prompts, max_new_tokens=6)
-    alone = generate(gen_cfg, gen_vars, prompts[1:], max_new_tokens=6)
+    batch = generate(gen_cfg, gen_vars, prompts, max_new_tokens=6, return_logits=True)
+    alone = generate(gen_cfg, gen_vars, prompts[1:], max_new_tokens=6, return_logits=True)
     np.testing.assert_array_equal(batch.tokens[1], alone.tokens[0])
     np.testing.assert_array_equal(batch.lengths, [6, 6])
-    np.testing.assert_allclose(batch.step_logits[1], alone.step_logits[0], **TIGHT)
+    np.testing.assert_allclose(batch.logits[1], alone.logits[0], **TIGHT)
 
 
 # --------------------------------------------------------------------------- packing and padding

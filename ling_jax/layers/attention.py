@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ling_jax.config import ModelConfig
@@ -30,6 +31,18 @@ def attention_mask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS) -> jax.
     same_segment = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
     causal = kv_index_BS[:, None, :] <= q_index_BT[:, :, None]
     return same_segment & causal
+
+
+def write_slots(cache_BS_, new_BT_, index):
+    """cache_BS_ with new_BT_ written at slots index .. index + T - 1. `index` is an int32 scalar (the
+    same slot for every row) or [B] (each row its own slot, as speculative decoding needs when rows
+    accept different numbers of tokens); per-row writes past the last slot are dropped."""
+    new_BT_ = new_BT_.astype(cache_BS_.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BS_, new_BT_, (0, index) + (0,) * (cache_BS_.ndim - 2))
+    B, T = new_BT_.shape[:2]
+    slots_BT = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return cache_BS_.at[jnp.arange(B)[:, None], slots_BT].set(new_BT_, mode="drop")
 
 
 class Attention(nn.Module):
@@ -60,9 +73,8 @@ class Attention(nn.Module):
 
         new_cache = None
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k_BSKd = jax.lax.dynamic_update_slice(cache.k_BSKd, k_BTKd.astype(cache.k_BSKd.dtype), start)
-            v_BSKd = jax.lax.dynamic_update_slice(cache.v_BSKd, v_BTKd.astype(cache.v_BSKd.dtype), start)
+            k_BSKd = write_slots(cache.k_BSKd, k_BTKd, cache_index)
+            v_BSKd = write_slots(cache.v_BSKd, v_BTKd, cache_index)
             new_cache = KVCache(k_BSKd, v_BSKd)
             k_BTKd, v_BTKd = k_BSKd.astype(dtype), v_BSKd.astype(dtype)
 

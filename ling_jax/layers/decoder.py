@@ -34,7 +34,9 @@ class DecoderLayer(nn.Module):
     is_moe: bool
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, cache_index, cache: KVCache | None):
+    def __call__(
+        self, x_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT=None, cache_index=None, cache: KVCache | None = None
+    ):
         cfg = self.config
         pdtype = cfg.jnp_param_dtype
         x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
@@ -57,7 +59,11 @@ class MTPLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, emb_BTD, h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT) -> tuple[jax.Array, Any]:
+    def __call__(
+        self, emb_BTD, h_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, cache_index=None, cache: KVCache | None = None
+    ) -> tuple[jax.Array, Any, KVCache | None]:
+        """(hidden [B, T, D] after the final norm, router stats, new cache | None). With a `cache`
+        (speculative drafting) the decoder layer's attention reads and extends it at `cache_index`."""
         cfg = self.config
         pdtype = cfg.jnp_param_dtype
         e_BTD = RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="enorm")(emb_BTD)
@@ -65,7 +71,7 @@ class MTPLayer(nn.Module):
         eh_BT2D = jnp.concatenate([e_BTD, h_BTD], axis=-1)
         D = cfg.hidden_size
         z_BTD = projection(cfg, (2 * D, D), ("embed_concat", "embed"), "eh_proj")("BTC,CD->BTD", eh_BT2D)
-        z_BTD, (_, stats, _) = DecoderLayer(cfg, is_moe=True, name=MTP_DECODER)(
-            z_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, None, None
+        z_BTD, (_, stats, new_cache) = DecoderLayer(cfg, is_moe=True, name=MTP_DECODER)(
+            z_BTD, cos_BTR, sin_BTR, mask_BTS, token_mask_BT, cache_index, cache
         )
-        return RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="final_norm")(z_BTD), stats
+        return RMSNorm(cfg.rms_norm_eps, "norm", pdtype, name="final_norm")(z_BTD), stats, new_cache
