@@ -6,6 +6,9 @@ are shared within one pytest run.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,3 +254,46 @@ def test_decode_state_is_named():
         "logits_BNV",
         "lengths_B",
     )
+
+
+# --------------------------------------------------------------------------- ling-jax generate
+def _generate_cli(*args):
+    from multidevice.common import REPO_ROOT, subprocess_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "ling_jax.cli", "generate", *args],
+        cwd=REPO_ROOT,
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_generate_cli_needs_one_source():
+    proc = _generate_cli("--max-new-tokens", "4")
+    assert proc.returncode == 2, proc.stderr
+    assert "give exactly one of --workdir RUN or --hf DIR" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_generate_cli_streams_a_run_plain_and_speculative(tmp_path):
+    """A 6-step run of the small config: the default prompt (the run's sample prompt), greedy; the
+    speculative text equals the plain text; each output ends with one statistics line."""
+    from multidevice.common import train_cli
+
+    workdir = tmp_path / "run"
+    train_cli(workdir, train=dict(steps=6, sample_tokens=0, log_every=3))
+    texts = []
+    for extra in ([], ["--speculative", "mtp", "--draft-tokens", "2"]):
+        proc = _generate_cli("--workdir", str(workdir), "--max-new-tokens", "10", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = proc.stdout.rstrip("\n").split("\n")
+        stats = lines[-1]
+        assert stats.startswith("stats: 10 tokens, ") and "tokens/s decode" in stats, stats
+        if extra:
+            assert "acceptance " in stats and "tokens per verify step (k=2)" in stats, stats
+        text = "\n".join(lines[:-1])
+        assert text.startswith("def "), text  # the run's train.sample_prompt
+        texts.append(text)
+    assert texts[0] == texts[1]
