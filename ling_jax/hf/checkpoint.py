@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 from ling_jax.config import ModelConfig
 from ling_jax.hf.config import MODEL_TYPE, read_config, write_config
 from ling_jax.hf.names import Entry, checkpoint_entries
+from ling_jax.variables import unbox
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -238,8 +239,9 @@ def load_checkpoint(path, *, device_put: bool = False, **config_overrides: Any) 
 def iter_hf_tensors(cfg: ModelConfig, variables: dict):
     """Yields (HF name, HF-layout numpy tensor) for every tensor of the checkpoint, in table order.
 
-    Works on any tree with the variables' structure (e.g. gradients), one tensor at a time.
+    Works on any tree with the variables' structure (e.g. gradients), boxed or plain, one tensor at a time.
     """
+    variables = unbox(variables)
     for entry in checkpoint_entries(cfg):
         leaves = [np.asarray(_get(variables, c, p)) for c, p in entry.leaves]
         for flat, name in enumerate(entry.hf_names):
@@ -344,13 +346,15 @@ def _check_variables(variables: Mapping, entries: list[Entry]) -> None:
 
 
 def save_checkpoint(cfg: ModelConfig, variables: dict, path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes `variables` as a HF BailingMoeV2 checkpoint (config.json + safetensors) at `path`.
+    """Writes `variables` (plain or as `init` returns them, boxed) as a HF BailingMoeV2 checkpoint
+    (config.json + safetensors) at `path`.
 
     One `model.safetensors` when everything fits in `max_shard_bytes`, else numbered shards and a
     `model.safetensors.index.json`. `path` must be new, empty or a HF checkpoint (`check_save_target`);
     the new checkpoint is written to a temporary directory beside it, then renamed into place.
     """
     entries = checkpoint_entries(cfg)
+    variables = unbox(variables)  # `init` output (logically partitioned boxes) or plain arrays
     _check_variables(variables, entries)
     path = Path(path).resolve()  # a symlink's target is replaced, the link kept
     check_save_target(path)

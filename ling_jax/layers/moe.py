@@ -100,7 +100,9 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, token_mask_BT: jax.Array) -> tuple[jax.Array, RouterStats]:
+    def __call__(self, x_BTD: jax.Array, token_mask_BT: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
+        """(output [B, T, D], router stats). `token_mask_BT` (True = a real token) only decides which
+        tokens `counts_E` counts (padding is routed like any token but not counted); None = all real."""
         cfg = self.config
         B, T, D = x_BTD.shape
         E, F = cfg.num_experts, cfg.moe_intermediate_size
@@ -146,7 +148,7 @@ class MoE(nn.Module):
         if cfg.num_shared_experts:
             y_BTD = y_BTD + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x_BTD)
         stats = RouterStats(
-            counts_E=expert_counts(ids_Nk, E, token_mask_BT.reshape(-1)),
+            counts_E=expert_counts(ids_Nk, E, None if token_mask_BT is None else token_mask_BT.reshape(-1)),
             logits_BTE=logits_NE.reshape(B, T, E),
             ids_BTk=ids_Nk.reshape(B, T, -1),
             weights_BTk=weights_Nk.reshape(B, T, -1),
