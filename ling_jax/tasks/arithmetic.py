@@ -118,7 +118,7 @@ def make_split(name: str, n: int, seed: int = 0, config: TaskConfig | None = Non
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     config = config or TaskConfig()
-    if name == "heldout" and n > config.num_problems * HELDOUT_BUCKETS // SPLIT_BUCKETS // 2:
+    if name == "heldout" and n > config.num_problems * HELDOUT_BUCKETS * 4 // (SPLIT_BUCKETS * 5):
         raise ValueError(
             f"{n} distinct held-out problems asked of a family of {config.num_problems} problems "
             f"(about {config.num_problems * HELDOUT_BUCKETS // SPLIT_BUCKETS} held out); raise max_digits"
