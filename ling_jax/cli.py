@@ -26,6 +26,7 @@ COMMANDS = {
     "merge": "WSM: merge the last K+1 checkpoints with decay-emulating weights",
     "params": "total / activated parameter counts of a config",
     "plan": "memory / FLOP plan of a config on a TPU topology (ahead-of-time compile)",
+    "sft": "supervised fine-tuning on chat data (default: tiny Ling on the embedded arithmetic task)",
     "generate": "stream text from a run's checkpoint or an HF checkpoint (optionally MTP speculative)",
 }
 DEBUG_FLAG = "--debug"
