@@ -384,6 +384,63 @@ def test_build_datasets(tmp_path):
         build_datasets(str(empty), "byte", 16, 0.1, 0, None)
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_passkey_mix(tmp_path, fraction):
+    """data.passkey_fraction: that share of the train rows are passkey samples, one per row (the
+    needle and the question always in the row), every row once per epoch; held-out stays corpus."""
+    from ling_jax.data.pipeline import MixedRows
+
+    for i in range(6):
+        (tmp_path / f"{i}.txt").write_text(f"document {i} " * 60)
+    T = 128
+    plain = build_datasets(str(tmp_path), "byte", T, 0.2, seed=0)
+    data = build_datasets(str(tmp_path), "byte", T, 0.2, seed=0, passkey_fraction=fraction)
+    assert isinstance(data.train, MixedRows) and isinstance(data.heldout, PackedRows)
+    corpus, mixed = data.train.parts
+    np.testing.assert_array_equal(corpus.tokens_L, plain.train.tokens_L)
+    np.testing.assert_array_equal(data.heldout.tokens_L, plain.heldout.tokens_L)
+    assert len(mixed) == round(fraction / (1 - fraction) * len(corpus))
+    assert abs(len(mixed) / len(data.train) - fraction) <= 1 / len(data.train)
+
+    tok = ByteTokenizer()
+    batch = data.train.batch(np.arange(len(data.train)))
+    for key in batch:  # the mix's rows are its parts' rows, in order
+        np.testing.assert_array_equal(batch[key][: len(corpus)], corpus.batch(np.arange(len(corpus)))[key])
+        np.testing.assert_array_equal(batch[key][len(corpus) :], mixed.batch(np.arange(len(mixed)))[key])
+    for r in range(len(corpus), len(data.train)):
+        text = tok.decode(batch["inputs"][r])
+        assert text.count("Remember it.") == 1 and text.endswith("What is the pass key? The pass key is " + text[-5:])
+        assert batch["inputs"][r, -1] == tok.eos_id  # the sample, then its eos: exactly one row
+        np.testing.assert_array_equal(batch["positions"][r], np.arange(T))
+        np.testing.assert_array_equal(batch["segment_ids"][r], np.ones(T))
+        assert batch["loss_mask"][r, :-1].all() and batch["loss_mask"][r, -1] == 0  # eos -> next row: masked
+        key = text.rsplit("The pass key is ", 1)[1]
+        assert key.isdigit() and tok.decode(batch["targets"][r, -7:-1]) == key[-6:]
+    assert all("pass key" not in tok.decode(row) for row in batch["inputs"][: len(corpus)])
+
+    iterator = make_train_iterator(data.train, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    seen = np.concatenate([next(iterator)["inputs"] for _ in range(len(data.train) // 2)])
+    is_passkey = np.array([b"pass key" in bytes(row[row < 256].astype(np.uint8)) for row in seen])
+    assert is_passkey.sum() == len(mixed) if len(data.train) % 2 == 0 else abs(is_passkey.sum() - len(mixed)) <= 1
+
+    again = build_datasets(str(tmp_path), "byte", T, 0.2, seed=0, passkey_fraction=fraction)
+    np.testing.assert_array_equal(again.train.parts[1].tokens_L, mixed.tokens_L)
+
+
+def test_passkey_mix_errors(tmp_path):
+    from ling_jax.config import ConfigError
+    from ling_jax.train.config import DataConfig
+
+    (tmp_path / "a.txt").write_text("some text " * 50)
+    with pytest.raises(ValueError, match=r"passkey_fraction must be in \[0, 1\), got 1.0"):
+        build_datasets(str(tmp_path), "byte", 128, 0.0, 0, passkey_fraction=1.0)
+    with pytest.raises(ValueError, match="a passkey_fraction > 0 needs seq_len >= 82"):
+        build_datasets(str(tmp_path), "byte", 64, 0.0, 0, passkey_fraction=0.1)
+    with pytest.raises(ConfigError, match="data.passkey_fraction"):
+        DataConfig(passkey_fraction=-0.1)
+    assert isinstance(build_datasets(str(tmp_path), "byte", 64, 0.0, 0, passkey_fraction=0.0).train, PackedRows)
+
+
 def test_train_iterator_state_in_orbax_checkpoint(rows, tmp_path):
     import orbax.checkpoint as ocp
 
