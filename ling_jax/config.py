@@ -20,6 +20,8 @@ MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "cpu_kernel")  # auto: s
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_MODES = ("off", "xla", "pallas")  # FP8 projections: off, the XLA reference path, the Pallas kernel
 ROUTER_IMPLS = ("xla", "pallas")  # group-limited sigmoid top-k: lax.top_k, or the Pallas router kernel
+# The attention core (ling_jax/ops/attention_impl.py): auto = splash on TPU, cudnn on GPU, xla elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -180,6 +182,7 @@ class ModelConfig:
     moe_capacity_factor: float = 0.0
     fp8: str = "off"  # every linear layer except the router in blockwise FP8 (see ling_jax/ops/fp8.py)
     router_impl: str = "xla"  # pallas_kernels/topk_router impl; "pallas" = the kernel (interpreted on CPU)
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; the choice is made by ops/attention_impl.py
 
     def __post_init__(self):
         self.validate()
@@ -305,6 +308,8 @@ class ModelConfig:
             raise ConfigError("fp8", f"must be one of {FP8_MODES}, got {self.fp8!r}")
         if self.router_impl not in ROUTER_IMPLS:
             raise ConfigError("router_impl", f"must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:

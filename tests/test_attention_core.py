@@ -33,7 +33,7 @@ def packed_inputs(B=2, T=96, H=6, K=2, d=16, seed=0):
     seg[0, T // 3 :] = 2
     seg[1, T - 10 :] = 0
     idx = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-    return q, k, v, attention_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(idx), jnp.asarray(idx))
+    return q, k, v, attention_mask(jnp.asarray(seg), jnp.asarray(seg), jnp.asarray(idx), jnp.asarray(idx)).dense()
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 4])

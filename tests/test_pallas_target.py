@@ -110,7 +110,7 @@ def test_row_split_follows_the_rules_table():
     from ling_jax.ops.pallas_target import row_axes
     from ling_jax.sharding.mesh import MESH_AXES
 
-    mesh = AbstractMesh((2, 2, 2, 1), MESH_AXES)
+    mesh = AbstractMesh((2, 2, 2, 1, 1), MESH_AXES)
     assert row_axes(mesh, 64) == ("data", "fsdp", "expert")
     assert row_axes(mesh, 60) == ()  # 60 rows do not split 8 ways: replicated
     with nn.logical_axis_rules((("activation_batch", ("data", "model")),)):

@@ -137,7 +137,7 @@ def test_parameters_are_sharded_as_the_rules_say(small_model_result):
 
 def test_batch_is_split_over_data_fsdp_expert(small_model_result):
     specs = small_model_result["specs"]
-    assert specs["batch_spec"] == [["data", "fsdp", "expert"], None]
+    assert specs["batch_spec"] == [["data", "fsdp", "expert"], "context"]
     assert specs["batch_shape"] == [8, 32]
     assert specs["batch_devices"] == 8
     # 8 rows over data x fsdp x expert = 1 x 2 x 2 = 4 shards of 2 rows (replicated over 'model').
@@ -151,7 +151,7 @@ def test_optimizer_state_is_sharded_like_params():
     from ling_jax.train.state import make_optimizer, state_shardings
 
     exp = small_experiment()
-    mesh = AbstractMesh((1, 2, 2, 2), MESH_AXES)
+    mesh = AbstractMesh((1, 2, 2, 1, 2), MESH_AXES)  # context 1
     abstract, shardings = state_shardings(exp.model, make_optimizer(exp.train), mesh)
     param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
     adam = [s for s in jax.tree.leaves(shardings.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
@@ -177,7 +177,7 @@ def test_batch_split_follows_the_rules_table():
     from ling_jax.sharding.rules import batch_spec, mesh_axes
 
     variant = (("activation_batch", ("data", "fsdp")),)
-    assert batch_spec() == PartitionSpec(("data", "fsdp", "expert"), None)
+    assert batch_spec() == PartitionSpec(("data", "fsdp", "expert"), "context")
     assert batch_spec(variant) == PartitionSpec(("data", "fsdp"), None)
     with nn.logical_axis_rules(variant):
         assert batch_spec() == PartitionSpec(("data", "fsdp"), None)

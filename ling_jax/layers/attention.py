@@ -11,7 +11,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ling_jax.config import ModelConfig
 from ling_jax.layers.basic import RMSNorm, param_with_axes, projection
-from ling_jax.ops.attention_core import causal_query_chunks, dot_product_attention
+from ling_jax.ops.attention_core import AttentionMask
+from ling_jax.ops.attention_impl import attention
 from ling_jax.ops.rope import apply_rope
 
 
@@ -22,34 +23,22 @@ class KVCache(NamedTuple):
     v_BSKd: jax.Array
 
 
-def attention_mask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS) -> jax.Array:
-    """[B, T, S] True where query t may attend key s: same segment and not in the future.
+def attention_mask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS) -> AttentionMask:
+    """Query t may attend key s where both are in the same segment and s is not in the future.
 
     Causality is by slot index (packed documents restart their positions, so positions cannot be
-    used); segment 0 marks padding / empty cache slots, which real tokens never attend to.
+    used); segment 0 marks padding / empty cache slots, which real tokens never attend to. Returned
+    unmaterialised (`AttentionMask`, `.dense()` gives the [B, T, S] array): the splash kernel and the
+    context-parallel path build their masks from these parts.
     """
-    same_segment = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
-    causal = kv_index_BS[:, None, :] <= q_index_BT[:, :, None]
-    return same_segment & causal
-
-
-def write_slots(cache_BS_, new_BT_, index):
-    """cache_BS_ with new_BT_ written at slots index .. index + T - 1. `index` is an int32 scalar (the
-    same slot for every row) or [B] (each row its own slot, as speculative decoding needs when rows
-    accept different numbers of tokens); per-row writes past the last slot are dropped."""
-    new_BT_ = new_BT_.astype(cache_BS_.dtype)
-    if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache_BS_, new_BT_, (0, index) + (0,) * (cache_BS_.ndim - 2))
-    B, T = new_BT_.shape[:2]
-    slots_BT = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    return cache_BS_.at[jnp.arange(B)[:, None], slots_BT].set(new_BT_, mode="drop")
+    return AttentionMask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS)
 
 
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_BTS, cache: KVCache | None = None, cache_index=None):
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, mask: AttentionMask, cache: KVCache | None = None, cache_index=None):
         cfg = self.config
         dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
         H, K, Dh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -78,9 +67,8 @@ class Attention(nn.Module):
             new_cache = KVCache(k_BSKd, v_BSKd)
             k_BTKd, v_BTKd = k_BSKd.astype(dtype), v_BSKd.astype(dtype)
 
-        # Without a cache the keys are the queries' own slots (causal): chunk the queries (attention_core).
-        chunks = 1 if cache is not None else causal_query_chunks(x_BTD.shape[1])
-        out_BTHd = dot_product_attention(q_BTHd, k_BTKd, v_BTKd, mask_BTS, query_chunks=chunks)
+        # Without a cache the keys are the queries' own slots (causal self-attention).
+        out_BTHd = attention(q_BTHd, k_BTKd, v_BTKd, mask, impl=cfg.attention_impl, cached=cache is not None)
         out_BTD = projection(cfg, (H, Dh, D), ("q_heads", "head_dim", "embed"), "o_proj", contract=2)(
             "BTHd,HdD->BTD", out_BTHd
         )

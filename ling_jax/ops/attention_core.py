@@ -27,12 +27,35 @@ itself).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 MIN_CHUNK = 32  # queries per chunk below which the per-chunk overhead outweighs the skipped work
 MAX_CHUNKS = 8  # chunks are unrolled: this bounds the program size
+
+
+class AttentionMask(NamedTuple):
+    """Which keys each query may see, kept as its [B, T] / [B, S] parts instead of a [B, T, S] array:
+
+        allowed[b, t, s] = q_segment[b, t] == kv_segment[b, s]  and  kv_index[b, s] <= q_index[b, t]
+
+    (same segment, not in the future; indices are slots, since packed documents restart their
+    positions; segment 0 marks padding / empty cache slots). The XLA core materialises it per layer
+    (`dense`); the splash and context-parallel paths take the parts (a [T, T] array per row would
+    not fit at 128K tokens)."""
+
+    q_segment_BT: jax.Array
+    kv_segment_BS: jax.Array
+    q_index_BT: jax.Array
+    kv_index_BS: jax.Array
+
+    def dense(self) -> jax.Array:
+        """The [B, T, S] boolean mask."""
+        same_segment = self.q_segment_BT[:, :, None] == self.kv_segment_BS[:, None, :]
+        causal = self.kv_index_BS[:, None, :] <= self.q_index_BT[:, :, None]
+        return same_segment & causal
 
 
 def causal_query_chunks(num_queries: int) -> int:

@@ -77,8 +77,10 @@ class StatePlan:
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-    """A device-free mesh with the (data, fsdp, expert, model) sizes, Auto axes like build_mesh."""
-    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    """A device-free mesh with the MESH_AXES sizes (a missing axis: 1), Auto axes like build_mesh."""
+    return AbstractMesh(
+        tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+    )
 
 
 def path_text(path) -> str:

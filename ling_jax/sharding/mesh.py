@@ -1,4 +1,7 @@
-"""Builds the 4-axis device mesh from the `mesh` config section."""
+"""Builds the device mesh (data, fsdp, expert, context, model) from the `mesh` config section.
+
+`context` splits the sequence (context parallelism, ling_jax/ops/context_parallel.py); it sits
+next to `model` so that on a TPU slice its devices are near neighbours for the K / V all-gather."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from jax.sharding import AxisType, Mesh
 
 from ling_jax.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "expert", "model")
+MESH_AXES = ("data", "fsdp", "expert", "context", "model")
 
 
 def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
@@ -33,10 +36,13 @@ def resolve_mesh_shape(sizes: dict[str, int], num_devices: int) -> dict[str, int
 
 
 def build_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over `devices` (default: all) with axes (data, fsdp, expert, model), Auto axis types so
-    logical sharding constraints apply inside jit."""
+    """A Mesh over `devices` (default: all) with axes MESH_AXES, Auto axis types so logical sharding
+    constraints apply inside jit. An axis missing from `sizes` (e.g. "context") has size 1."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape({k: sizes[k] for k in MESH_AXES}, len(devices))
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ConfigError(f"unknown mesh axis(es) {unknown}; the axes are {MESH_AXES}")
+    shape = resolve_mesh_shape({k: sizes.get(k, 1) for k in MESH_AXES}, len(devices))
     if len(devices) > 1 and all(d.platform != "cpu" for d in devices):
         # allow_split_physical_axes: a logical axis (e.g. model=8 on a 16x16x16 slice) need not be a
         # product of whole physical axes; without it create_device_mesh raises NotImplementedError.

@@ -1,7 +1,9 @@
 """The one table that maps logical axis names (on every parameter and at block-boundary
 activations) to mesh axes. Changing parallelism means changing this table, not the model.
 
-- Batch is split over data, fsdp and expert: every device holds distinct tokens.
+- Batch is split over data, fsdp and expert, and the sequence ("activation_length") over context:
+  every device holds distinct tokens. Attention gathers K / V over context and balances the causal
+  work (ling_jax/ops/context_parallel.py); every other layer is per token.
 - Weights are split along their model width ("embed") over fsdp (ZeRO-3 style; gathered per layer).
 - Attention heads, FFN widths and the vocabulary go over model (tensor parallelism).
 - Routed experts go over expert (expert parallelism); the router and its bias stay replicated.
@@ -17,7 +19,7 @@ BATCH_AXES = ("data", "fsdp", "expert")
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", "context"),
     ("activation_embed", None),
     # parameters
     ("vocab", "model"),
@@ -65,10 +67,11 @@ def single_mesh_axis(logical: str, mesh_axis_names, rules=None) -> str | None:
 
 
 def batch_spec(rules=None) -> PartitionSpec:
-    """[B, T] input arrays: batch over the mesh axes of "activation_batch" (data, fsdp, expert), time unsplit."""
+    """[B, T] input arrays: batch over the mesh axes of "activation_batch" (data, fsdp, expert), time
+    over those of "activation_length" (context)."""
     rules = active_rules() if rules is None else rules
-    value = dict(rules).get("activation_batch")
-    return PartitionSpec(value, None)
+    table = dict(rules)
+    return PartitionSpec(table.get("activation_batch"), table.get("activation_length"))
 
 
 def logical_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):

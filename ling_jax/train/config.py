@@ -103,11 +103,20 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
+    # Context parallelism: the sequence split over this many devices (train.seq_len must be a
+    # multiple of 2 x context: ling_jax/ops/context_parallel.py balances causal work over 2 chunks each).
+    context: int = 1
     model: int = 1
 
     @property
     def axes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "model": self.model}
+        return {
+            "data": self.data,
+            "fsdp": self.fsdp,
+            "expert": self.expert,
+            "context": self.context,
+            "model": self.model,
+        }
 
     def __post_init__(self):
         check_field_types(self, "mesh.")
@@ -117,6 +126,8 @@ class MeshConfig:
         if sum(v == -1 for v in sizes.values()) > 1:
             auto = [f"mesh.{n}" for n, v in sizes.items() if v == -1]
             raise ConfigError(auto[1], f"is -1 like {auto[0]}: at most one axis may be -1, got {sizes}")
+        if self.context == -1:
+            raise ConfigError("mesh.context", "must be a positive size (the sequence split), not -1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +145,25 @@ class Experiment:
                 f"({self.train.seq_len}) must be <= model.max_position_embeddings "
                 f"({self.model.max_position_embeddings})",
             )
+        C = self.mesh.context
+        if C > 1 and self.train.seq_len % (2 * C):
+            raise ConfigError(
+                "mesh.context",
+                f"({C}) must split train.seq_len ({self.train.seq_len}) into 2 x {C} equal chunks (two per "
+                f"device, for the causal load balance): seq_len must be a multiple of {2 * C}",
+            )
+        if self.model.attention_impl == "splash":
+            from ling_jax.ops.attention_splash import unsupported_reason  # the kernel's limits, said once
+
+            why = unsupported_reason(self.train.seq_len // C, self.train.seq_len)
+            if why is None and C > 1 and self.train.seq_len % (C * C):
+                why = f"its row shards need train.seq_len ({self.train.seq_len}) to be a multiple of mesh.context^2"
+            if why is not None:
+                raise ConfigError(
+                    "model.attention_impl",
+                    f"'splash' cannot take train.seq_len={self.train.seq_len} with mesh.context={C}: {why}; "
+                    "use 'auto' (falls back to 'xla') or 'xla'",
+                )
 
 
 _SECTIONS = {
