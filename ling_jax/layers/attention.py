@@ -34,6 +34,18 @@ def attention_mask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS) -> Atte
     return AttentionMask(q_segment_BT, kv_segment_BS, q_index_BT, kv_index_BS)
 
 
+def write_slots(cache_BS_, new_BT_, index):
+    """cache_BS_ with new_BT_ written at slots index .. index + T - 1. `index` is an int32 scalar (the
+    same slot for every row) or [B] (each row its own slot, as speculative decoding needs when rows
+    accept different numbers of tokens); per-row writes past the last slot are dropped."""
+    new_BT_ = new_BT_.astype(cache_BS_.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BS_, new_BT_, (0, index) + (0,) * (cache_BS_.ndim - 2))
+    B, T = new_BT_.shape[:2]
+    slots_BT = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return cache_BS_.at[jnp.arange(B)[:, None], slots_BT].set(new_BT_, mode="drop")
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
