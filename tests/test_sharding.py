@@ -111,7 +111,7 @@ def _spec(leaves: dict, path: str) -> list:
 
 def test_parameters_are_sharded_as_the_rules_say(small_model_result):
     specs = small_model_result["specs"]
-    assert specs["mesh"] == {"data": 1, **SPECS_MESH}
+    assert specs["mesh"] == {"data": 1, "context": 1, **SPECS_MESH}
     leaves = specs["leaves"]
     moe = "params['moe_stack']['layers']['moe']"
     attn = "params['moe_stack']['layers']['attention']"
