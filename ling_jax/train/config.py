@@ -8,6 +8,7 @@ Code below this module never sees the ConfigDict.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,10 +40,36 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchRamp:
+    """The global batch grows linearly in tokens seen from `start` sequences to `train.batch_size`
+    over the first `tokens` tokens (the Ling 2.0 report: from 3,024 over roughly 500B tokens). It
+    grows in whole microbatches (the microbatch shape stays fixed; ling_jax/train/ramp.py).
+    `start` 0 = no ramp."""
+
+    start: int = 0
+    tokens: float = 0.0
+
+    def __post_init__(self):
+        check_field_types(self, "train.batch_ramp.")
+        _require("train.batch_ramp", "start", self.start >= 0, ">= 0 (0: no ramp)", self.start)
+        _require("train.batch_ramp", "tokens", self.tokens >= 0, ">= 0", self.tokens)
+        if self.start and not self.tokens:
+            raise ConfigError("train.batch_ramp.tokens", f"must be positive when batch_ramp.start={self.start}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.start > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     seed: int = 0
-    batch_size: int = 16  # global, in sequences
+    batch_size: int = 16  # global, in sequences (at the peak, when batch_ramp is on)
+    # Gradient accumulation: the batch is cut into this many microbatches of batch_size/microbatches
+    # rows, scanned inside the one jitted step (ling_jax/train/step.py); 1 = one pass.
+    microbatches: int = 1
+    batch_ramp: BatchRamp = BatchRamp()
     seq_len: int = 128  # at most model.max_position_embeddings
     learning_rate: float = 3e-3  # WSM: peak, held constant after warmup
     warmup_steps: int = 30
@@ -63,8 +90,15 @@ class TrainConfig:
     sample_temperature: float = 0.0  # 0 = greedy
 
     def __post_init__(self):
+        if isinstance(self.batch_ramp, Mapping):  # from a ConfigDict / config.json
+            unknown = sorted(set(self.batch_ramp) - {f.name for f in dataclasses.fields(BatchRamp)})
+            if unknown:
+                raise UnknownFieldsError([f"batch_ramp.{k}" for k in unknown], "train.batch_ramp")
+            object.__setattr__(self, "batch_ramp", BatchRamp(**self.batch_ramp))
+        elif not isinstance(self.batch_ramp, BatchRamp):
+            raise ConfigError("train.batch_ramp", f"must be a section (start, tokens), got {self.batch_ramp!r}")
         check_field_types(self, "train.")
-        for name in ("steps", "batch_size", "log_every", "max_nonfinite_steps"):
+        for name in ("steps", "batch_size", "microbatches", "log_every", "max_nonfinite_steps"):
             _require("train", name, getattr(self, name) > 0, "positive", getattr(self, name))
         _require("train", "seq_len", self.seq_len >= 2, ">= 2", self.seq_len)
         for name in ("seed", "warmup_steps", "eval_every", "eval_batches", "sample_tokens"):
@@ -82,6 +116,27 @@ class TrainConfig:
             "positive (or 0: measure the matmul peak at start-up)",
             self.peak_flops_per_device,
         )
+        if self.batch_size % self.microbatches:
+            raise ConfigError(
+                "train.microbatches",
+                f"({self.microbatches}) must divide train.batch_size ({self.batch_size}) into equal microbatches",
+            )
+        ramp = self.batch_ramp
+        if ramp.enabled and self.microbatches == 1:
+            raise ConfigError(
+                "train.batch_ramp",
+                "needs train.microbatches > 1: the ramp grows the batch in whole microbatches of "
+                "train.batch_size / train.microbatches rows",
+            )
+        if ramp.enabled and not ramp.start <= self.batch_size:
+            raise ConfigError(
+                "train.batch_ramp.start", f"({ramp.start}) must be <= train.batch_size ({self.batch_size}), the peak"
+            )
+
+    @property
+    def microbatch_size(self) -> int:
+        """Rows of one microbatch (fixed for the whole run, the batch ramp included)."""
+        return self.batch_size // self.microbatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +250,10 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     for name, cls in _SECTIONS.items():
         fields = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        fields = {  # a nested section (train.batch_ramp) as a nested ConfigDict
+            k: ml_collections.ConfigDict(dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else v
+            for k, v in fields.items()
+        }
         config[name] = ml_collections.ConfigDict(fields)
     config.model.rope_scaling = ml_collections.ConfigDict(
         {"factor": 0.0, "original_max_position_embeddings": 0}
@@ -213,9 +272,12 @@ def ling2_config(
     dense_layers: int,
     batch_size: int,
     learning_rate: float,
+    microbatches: int,
 ) -> ml_collections.ConfigDict:
     """A published Ling 2.0 size: what all three share (../shared/docs/ling2-spec.md) plus its shape
-    and its pre-training batch (sequences of 4K) and peak LR from the report."""
+    and its 4K pre-training stage: the batch (sequences of 4K) and peak LR from the report, RoPE
+    theta 10k, and the report's batch ramp from 3,024 sequences over the first 500B tokens, grown in
+    `microbatches` steps of batch_size / microbatches rows (the start rounded up to whole microbatches)."""
     config = base_config()
     config.model.update(
         vocab_size=157184,
@@ -246,8 +308,57 @@ def ling2_config(
     )
     config.data.tokenizer = "tokenizer.json"  # the official Ling tokenizer, provided by the user
     config.train.update(
-        batch_size=batch_size, seq_len=4096, learning_rate=learning_rate, warmup_steps=2000, z_loss_weight=3.5e-6
+        batch_size=batch_size,
+        microbatches=microbatches,
+        seq_len=4096,
+        learning_rate=learning_rate,
+        warmup_steps=2000,
+        z_loss_weight=3.5e-6,
     )
+    config.train.batch_ramp.update(start=RAMP_START, tokens=RAMP_TOKENS)
+    return config
+
+
+RAMP_START = 3024  # sequences of 4K at the start of pre-training (../shared/docs/ling2-spec.md)
+RAMP_TOKENS = 500e9  # "over roughly the first 500B tokens"
+EXTENSION_THETA = 600000.0  # RoPE theta from the 32K stage on
+EXTENSION_BIAS_RATE = 1e-4  # the aux-loss-free bias rate after context extension
+YARN_FACTOR = 4.0  # 128K = YaRN factor 4 over an original 32,768
+YARN_ORIGINAL = 32768
+
+
+def context_stage(
+    config: ml_collections.ConfigDict,
+    *,
+    seq_len: int,
+    batch_size: int,
+    microbatches: int,
+    tokens: float | None,
+    yarn: bool,
+    mesh: dict[str, int],
+) -> ml_collections.ConfigDict:
+    """A context-extension stage of a 4K preset `config` (changed in place and returned): sequences
+    of `seq_len`, RoPE theta 600k, YaRN factor 4 over 32,768 when `yarn` (the 128K stage), the bias
+    rate 1e-4, no batch ramp, splash attention with the sequence split over `mesh`'s context axis.
+    `tokens` (the stage's budget, when the report gives one) sets train.steps. Started from the
+    previous stage's run with `ling-jax train --init PREV_WORKDIR` (a fresh optimizer, so a short
+    warmup of our choosing: the report does not give one)."""
+    config.model.update(
+        rope_theta=EXTENSION_THETA, max_position_embeddings=seq_len, attention_impl="splash", remat_policy="full"
+    )
+    if yarn:
+        config.model.rope_scaling.update(factor=YARN_FACTOR, original_max_position_embeddings=YARN_ORIGINAL)
+    config.train.update(
+        seq_len=seq_len,
+        batch_size=batch_size,
+        microbatches=microbatches,
+        bias_update_rate=EXTENSION_BIAS_RATE,
+        warmup_steps=50,
+    )
+    if tokens:
+        config.train.steps = math.ceil(tokens / (batch_size * seq_len))
+    config.train.batch_ramp.update(start=0, tokens=0.0)
+    config.mesh.update(mesh)
     return config
 
 

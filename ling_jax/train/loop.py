@@ -33,6 +33,7 @@ from ling_jax.train.checkpointing import Checkpointer, CheckpointError, CorruptC
 from ling_jax.train.config import Experiment
 from ling_jax.train.flops import measure_matmul_peak, model_flops_per_token
 from ling_jax.train.metrics_log import MetricsLog, plot_loss_curve, read_metrics
+from ling_jax.train.ramp import BatchSchedule
 from ling_jax.train.run_dir import RunDirError, experiment_to_dict  # noqa: F401  (re-exported)
 from ling_jax.train.state import create_sharded_state, make_optimizer, state_shardings
 from ling_jax.train.step import make_eval_step, make_train_step
@@ -77,6 +78,19 @@ def check_batch_layout(exp: Experiment, mesh) -> None:
             f"train.batch_size={exp.train.batch_size} is not divisible by the batch-parallel devices "
             f"mesh.data x mesh.fsdp x mesh.expert = {shards}"
         )
+    rows = exp.train.microbatch_size
+    if exp.train.microbatches > 1 and rows % shards:
+        raise ConfigError(
+            "train.microbatches",
+            f"({exp.train.microbatches}) cuts train.batch_size={exp.train.batch_size} into microbatches of "
+            f"{rows} rows, not divisible by the batch-parallel devices mesh.data x mesh.fsdp x mesh.expert = {shards}",
+        )
+    if exp.train.batch_ramp.enabled and rows % jax.process_count():  # the ramp's iterator yields microbatches
+        raise ConfigError(
+            "train.microbatches",
+            f"microbatches of {rows} rows (train.batch_ramp is on) are not divisible by the "
+            f"{jax.process_count()} processes",
+        )
     if exp.train.batch_size % jax.process_count():
         raise ConfigError(
             f"train.batch_size={exp.train.batch_size} is not divisible by the {jax.process_count()} processes"
@@ -111,7 +125,7 @@ def _global_batch(local: dict, sharding: NamedSharding) -> dict:
 
 def evaluate(exp: Experiment, params, expert_bias, rows, eval_step, sharding, max_batches: int) -> float:
     total, tokens = 0.0, 0.0
-    for i, batch in enumerate(make_eval_batches(rows, exp.train.batch_size)):
+    for i, batch in enumerate(make_eval_batches(rows, exp.train.microbatch_size)):  # the train step's row count
         if max_batches and i >= max_batches:
             break
         out = eval_step(params, expert_bias, _global_batch(batch, sharding))
@@ -239,7 +253,12 @@ def _run(
 
     optimizer = make_optimizer(exp.train)
     abstract, shardings = state_shardings(exp.model, optimizer, mesh)
-    iterator = make_train_iterator(data.train, global_batch_size=exp.train.batch_size, seed=exp.train.seed)
+    schedule = BatchSchedule(exp.train)
+    # Under a batch ramp the iterator yields microbatches and a step draws as many as the schedule says.
+    ramp = exp.train.batch_ramp.enabled
+    iterator = make_train_iterator(
+        data.train, global_batch_size=exp.train.microbatch_size if ramp else exp.train.batch_size, seed=exp.train.seed
+    )
     if prepared.changes and listed is not None:  # before any restore: a mismatch is no corruption
         run_dir.check_same_state_layout(prepared.stored, abstract)
     restored = restore_newest_good(checkpointer, abstract, shardings)
@@ -267,21 +286,25 @@ def _run(
     flops_per_token = model_flops_per_token(exp.model, exp.train.seq_len)
     peak = exp.train.peak_flops_per_device or measure_matmul_peak(exp.model.jnp_dtype)
     log = MetricsLog(workdir, enabled=is_main)
-    tokens_per_step = exp.train.batch_size * exp.train.seq_len
     start_step = int(state.step)
     bar = tqdm(
         total=exp.train.steps, initial=start_step, disable=not (progress and is_main), unit="step", dynamic_ncols=True
     )
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_tokens = time.perf_counter(), 0
     step = start_step
     completed = False
     try:
         while step < exp.train.steps:
-            local = next(iterator)
+            if ramp:
+                parts = [next(iterator) for _ in range(schedule.microbatches(step))]
+                local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            else:
+                local = next(iterator)
+            batch_size = schedule.batch_size(step)
             check_token_ids(local[batch_keys.INPUTS], exp.model.vocab_size, what=f"train batch {step} inputs")
             state, metrics = train_step(state, _global_batch(local, batch_sharding))
             step += 1
-            window_steps += 1
+            window_tokens += batch_size * exp.train.seq_len
             streak = int(state.nonfinite_streak)
             if streak >= exp.train.max_nonfinite_steps:
                 checkpointer.wait()
@@ -297,9 +320,10 @@ def _run(
             if step % exp.train.log_every == 0 or last or eval_now:
                 m = jax.device_get(metrics)
                 elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed
+                tokens_per_s = window_tokens / elapsed
                 record = {
                     "step": step,
+                    "batch_size": batch_size,
                     "loss": float(m["loss"]),
                     "ce_loss": float(m["ce_loss"]),
                     "mtp_loss": float(m.get("mtp_loss", float("nan"))),
@@ -337,7 +361,7 @@ def _run(
                     tok_s=f"{tokens_per_s:,.0f}",
                     load=f"{record['load_max_over_mean']:.2f}",
                 )
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_tokens = time.perf_counter(), 0
             bar.update(1)
             if (exp.checkpoint.every and step % exp.checkpoint.every == 0) or last:
                 checkpointer.save(step, state, iterator.get_state())
