@@ -75,10 +75,12 @@ def stage_config(args, *, seq_len: int, steps: int, batch_size: int, yarn: bool 
     return experiment_from_config(config)
 
 
-def _accuracy(exp, variables, length: int, args) -> dict[float, float]:
+def _accuracy(name: str, exp, variables, length: int, args) -> dict[float, float]:
     tokenizer = load_tokenizer(exp.data.tokenizer)
     samples = passkey.eval_samples(tokenizer, length, args.depths, args.samples, args.eval_seed)
-    return passkey.accuracy(exp.model, variables, samples, args.batch_size_eval)
+    accuracy = passkey.accuracy(exp.model, variables, samples, args.batch_size_eval)
+    print(f"{name}: " + ", ".join(f"depth {d:.2f} {a:.2f}" for d, a in accuracy.items()), flush=True)
+    return accuracy
 
 
 def main():
@@ -114,17 +116,18 @@ def main():
     run(short, root / "short", progress=False)
     timings["short"] = time.perf_counter() - t0
     init = load_init_variables(root / "short", short.model)
-    results[f"short@{args.short_len}"] = _accuracy(short, init, args.short_len, args)
+    name = f"short@{args.short_len}"
+    results[name] = _accuracy(name, short, init, args.short_len, args)
 
     for name, yarn in (("yarn", True), ("plain", False)):
         long = stage_config(args, seq_len=args.long_len, steps=args.long_steps, batch_size=args.long_batch, yarn=yarn)
-        results[f"{name} zero-shot@{args.long_len}"] = _accuracy(long, init, args.long_len, args)
+        key = f"{name} zero-shot@{args.long_len}"
+        results[key] = _accuracy(key, long, init, args.long_len, args)
         t0 = time.perf_counter()
         run(long, root / name, progress=False, init_variables=init)
         timings[name] = time.perf_counter() - t0
-        results[f"{name}@{args.long_len}"] = _accuracy(
-            long, load_init_variables(root / name, long.model), args.long_len, args
-        )
+        key = f"{name}@{args.long_len}"
+        results[key] = _accuracy(key, long, load_init_variables(root / name, long.model), args.long_len, args)
 
     depths = list(args.depths)
     print(f"\npasskey accuracy ({args.samples} samples per depth, teacher-forced exact match)")
