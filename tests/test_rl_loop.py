@@ -99,6 +99,7 @@ def _step(setup, rl_step, advantages):
     return new_state, jax.device_get(stats)
 
 
+@pytest.mark.slow  # compiling the update: ~25 s
 def test_zero_advantages_give_a_finite_zero_gradient(setup, rl_step):
     _, stats = _step(setup, rl_step, np.zeros(8))
     # The policy term is exactly 0; what gradient is left is the KL term's, from the ~1e-6 difference
@@ -107,6 +108,7 @@ def test_zero_advantages_give_a_finite_zero_gradient(setup, rl_step):
     assert stats["clip_fraction"] == 0.0 and abs(stats["kl"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_update_raises_the_logprob_of_advantaged_responses(setup, rl_step):
     mesh = setup["mesh"]
     adv = np.array([1.0, -1.0, 0, 0, 0, 0, 0, 0], np.float32)

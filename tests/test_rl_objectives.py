@@ -86,7 +86,7 @@ def test_gradient_matches_finite_differences(level):
     try:
         logp, old, adv, mask, units = random_case(3, 0.02)
         # eps wide enough that no unit sits at a clip boundary within the FD step
-        f = lambda lp: policy_loss(lp, old, adv, mask, units, level=level, eps_low=0.5, eps_high=0.5)[0]  # noqa: E731
+        f = jax.jit(lambda lp: policy_loss(lp, old, adv, mask, units, level=level, eps_low=0.5, eps_high=0.5)[0])
         g = np.asarray(jax.grad(f)(jnp.asarray(logp)))
         h = 1e-6
         fd = np.zeros_like(logp)

@@ -113,15 +113,16 @@ def run(
     if not rl.init:
         raise ConfigError("rl.init", "is empty: pass --init SFT_WORKDIR (the run RL starts from)")
     workdir = Path(workdir)
+    init = load_init_variables(rl.init, exp.model)  # before WORKDIR is touched: a wrong --init writes nothing
     prepared = run_dir.prepare(workdir, exp, allow_change=allow_config_change, process_index=jax.process_index())
     try:
-        rl_changes = _check_rl_config(workdir, rl, allow_config_change)
-        del rl_changes  # accepted (free fields, or allowed by the flag)
+        _check_rl_config(workdir, rl, allow_config_change)  # refuses a change of fixed fields without the flag
         return _run(
             exp,
             rl,
             workdir,
             prepared,
+            init,
             progress=progress,
             allow=allow_config_change,
             rewards=rewards or default_rewards(rl),
@@ -130,7 +131,9 @@ def run(
         prepared.lock.release()
 
 
-def _run(exp: Experiment, rl: RLConfig, workdir: Path, prepared, *, progress: bool, allow: bool, rewards) -> RLResult:
+def _run(
+    exp: Experiment, rl: RLConfig, workdir: Path, prepared, init: dict, *, progress: bool, allow: bool, rewards
+) -> RLResult:
     is_main = jax.process_index() == 0
     mesh = build_mesh(exp.mesh.axes)
     shards = int(np.prod([mesh.shape[a] for a in mesh_axes("activation_batch", mesh.axis_names)]))
@@ -151,7 +154,6 @@ def _run(exp: Experiment, rl: RLConfig, workdir: Path, prepared, *, progress: bo
     checkpointer = Checkpointer(
         workdir / run_dir.CHECKPOINTS, keep=exp.checkpoint.keep, async_save=exp.checkpoint.async_save
     )
-    init = load_init_variables(rl.init, exp.model)
     ref_params = jax.device_put(init["params"], shardings.params)
     ref_bias = jax.device_put(init.get("expert_bias", {}), shardings.expert_bias)
     restored = restore_newest_good(checkpointer, abstract, shardings)
