@@ -188,3 +188,15 @@ def test_main_job_sft_then_rl(tmp_path):
     assert "held-out accuracy" in out.stdout
     assert last["heldout_accuracy"] - first["heldout_accuracy"] >= 0.10
     assert last["heldout_response_length"] <= first["heldout_response_length"]
+
+
+def test_tiny_rl_preset_fits_tiny_sft():
+    from ling_jax.configs import get
+    from ling_jax.train.config import experiment_from_config
+
+    sft = get("tiny_sft")
+    exp, rl = rl_from_config(get("tiny_rl"))
+    sft_config = sft.to_dict()
+    sft_section = sft_config.pop("sft")
+    assert exp.model == experiment_from_config(sft_config).model  # --init W1 restores into this model
+    assert rl.task_max_digits == sft_section["task_max_digits"] and rl.objective == "lpo" and not rl.think
