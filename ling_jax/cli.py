@@ -27,6 +27,7 @@ COMMANDS = {
     "params": "total / activated parameter counts of a config",
     "plan": "memory / FLOP plan of a config on a TPU topology (ahead-of-time compile)",
     "sft": "supervised fine-tuning on chat data (default: tiny Ling on the embedded arithmetic task)",
+    "rl": "reinforcement learning from an SFT run (LPO / GRPO / GSPO on the embedded arithmetic task)",
     "generate": "stream text from a run's checkpoint or an HF checkpoint (optionally MTP speculative)",
 }
 DEBUG_FLAG = "--debug"
