@@ -226,3 +226,23 @@ def gen_cfg() -> ModelConfig:
 @pytest.fixture(scope="session")
 def gen_vars(gen_cfg) -> dict:
     return random_variables(gen_cfg, seed=4)
+
+
+# --------------------------------------------------------------------------- notebook wall times
+# tests/test_notebooks.py records each notebook's wall time as a user property (carried from xdist
+# workers to the controller with the report); the controller prints them at the end of the run.
+_NOTEBOOK_TIMES: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _NOTEBOOK_TIMES.extend(value for key, value in report.user_properties if key == "notebook_wall_s")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _NOTEBOOK_TIMES:
+        terminalreporter.section("notebook wall times (LING_JAX_NOTEBOOK_FAST=1)")
+        for name, seconds, cpus in sorted(_NOTEBOOK_TIMES):
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s ({cpus} CPUs)")
+        total = sum(seconds for _, seconds, _ in _NOTEBOOK_TIMES)
+        terminalreporter.write_line(f"total: {total:.1f} s for {len(_NOTEBOOK_TIMES)} notebooks")
