@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, compile_fast, tiny_config
 
 import ling_jax
 
@@ -119,13 +119,14 @@ def component_setup():
 
 def _grads(module, args, output=lambda out: out):
     """Plain params of `module` and d(mean square of its output)/d(params)."""
-    variables = ling_jax.unbox(jax.jit(module.init)(jax.random.key(0), *args))
+    key = jax.random.key(0)
+    variables = ling_jax.unbox(compile_fast(module.init, key, *args)(key, *args))
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss(p):
         return jnp.mean(jnp.square(output(module.apply({"params": p, **rest}, *args))))
 
-    grads = jax.jit(jax.grad(loss))(params)
+    grads = compile_fast(jax.grad(loss), params)(params)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     return variables, grads
