@@ -23,8 +23,16 @@ from ling_jax.ops.attention_core import causal_query_chunks
 from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import plan_state, state_layout
 from ling_jax.plan.program_flops import program_flops, traced_jaxpr
-from ling_jax.plan.search import communication_bytes, evaluate_mesh, factorizations, mesh_rejection, search_meshes
+from ling_jax.plan.search import (
+    communication_bytes,
+    evaluate_mesh,
+    factorizations,
+    mesh_rejection,
+    search_meshes,
+    uses_flash_attention,
+)
 from ling_jax.plan.topology import GiB, TopologyError, libtpu_missing_reason, parse_topology
+from ling_jax.sharding.mesh import MESH_AXES
 from ling_jax.train.config import experiment_from_config
 from ling_jax.train.flops import model_flops_per_token
 
@@ -282,23 +290,84 @@ def test_cpu_kernel_counts_its_gemms():
 # --------------------------------------------------------------------------- mesh search
 def test_factorizations_cover_every_ordered_product():
     found = factorizations(8)
-    assert all(math.prod(f) == 8 for f in found) and len(found) == len(set(found)) == 20  # C(3+3, 3)
+    # the ordered ways to put 3 factors of 2 into len(MESH_AXES) axes: C(3 + n - 1, 3)
+    assert all(math.prod(f) == 8 for f in found) and len(found) == len(set(found)) == math.comb(len(MESH_AXES) + 2, 3)
 
 
-def test_search_ranks_fitting_meshes_first_and_obeys_constraints():
-    topo = parse_topology("v5p:16x16x16")
-    published = preset("ling_1t")  # batch 18,144 = 2^5 x 3^4 x 7 cannot be split over >= 512 devices
-    assert search_meshes(published, state_layout(published), topo.num_devices, topo.hbm_bytes_per_device) == []
-    # Ling-1T at batch 512 with the preset's dense dispatch: some mesh fits (benchmarks/README.md).
-    exp = preset("ling_1t", train={"batch_size": 512}, model={"moe_dispatch": "dense"})
-    ranked = search_meshes(exp, state_layout(exp), topo.num_devices, topo.hbm_bytes_per_device)
-    assert ranked and ranked[0].fits
-    fits = [c.fits for c in ranked]
+def _small(batch_size: int, **train):
+    sys.path.insert(0, str(REPO / "tests"))
+    from multidevice.common import small_experiment
+
+    return small_experiment(train=dict(batch_size=batch_size, **train))
+
+
+def _mesh(**sizes) -> dict:
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def test_planned_activations_are_those_of_one_microbatch():
+    exp = _small(64)
+    mesh = _mesh(data=8)
+    one = evaluate_mesh(exp, state_layout(exp), mesh, 2**40, microbatches=1)
+    four = evaluate_mesh(exp, state_layout(exp), mesh, 2**40, microbatches=4)
+    flash = uses_flash_attention(exp)  # the plan's target is a TPU: "auto" attention is splash there
+    assert four.activations == activation_breakdown(exp.model, 16, exp.train.seq_len, mesh, flash=flash)
+    assert activation_bytes(four.activations) < activation_bytes(one.activations)
+    # the float32 gradient accumulator: one float32 copy of the device's parameters, only when accumulating
+    params = sum(leaf.bytes_per_device for leaf in four.state.leaves if leaf.group == "params")
+    assert one.accumulator_bytes == 0 and four.accumulator_bytes == params  # float32 params here
+    assert (
+        four.memory_bytes - activation_bytes(four.activations)
+        == one.memory_bytes - activation_bytes(one.activations) + params
+    )
+    # FSDP gathers the weights once per microbatch
+    fsdp = _mesh(fsdp=8)
+    comm = [
+        communication_bytes(exp, evaluate_mesh(exp, state_layout(exp), fsdp, 2**40, microbatches=k)) for k in (1, 4)
+    ]
+    assert comm[1] > comm[0]
+
+
+def test_search_takes_the_fewest_microbatches_that_fit():
+    """An HBM between the memory of 2 and of 1 microbatch on data=8: the search accumulates over 2."""
+    exp = _small(32)
+    layout = state_layout(exp)
+    data8 = _mesh(data=8)
+    need = {k: evaluate_mesh(exp, layout, data8, 2**40, microbatches=k).memory_bytes for k in (1, 2, 4)}
+    assert need[1] > need[2] > need[4]
+    hbm = (need[1] + need[2]) // 2
+    result = search_meshes(exp, layout, 8, hbm)
+    by_mesh = {tuple(c.mesh.values()): c for c in result.ranked}
+    assert by_mesh[tuple(data8.values())].microbatches == 2 and by_mesh[tuple(data8.values())].fits
+    fits = [c.fits for c in result.ranked]
     assert fits == sorted(fits, reverse=True)
-    for cand in ranked:
-        assert math.prod(cand.mesh.values()) == 4096 and mesh_rejection(exp, cand.mesh) is None
-        assert exp.model.num_experts % cand.mesh["expert"] == 0 and exp.model.num_kv_heads % cand.mesh["model"] == 0
-        assert exp.train.batch_size % (cand.mesh["data"] * cand.mesh["fsdp"] * cand.mesh["expert"]) == 0
+    for cand in result.ranked:
+        assert math.prod(cand.mesh.values()) == 8 and mesh_rejection(exp, cand.mesh, cand.microbatches) is None
+        smaller = [k for k in range(1, cand.microbatches) if mesh_rejection(exp, cand.mesh, k) is None]
+        if cand.fits:  # no smaller valid microbatch count fits
+            assert all(not evaluate_mesh(exp, layout, cand.mesh, hbm, microbatches=k).fits for k in smaller)
+    # without the microbatch search only train.microbatches (1) is tried: data=8 does not fit then
+    plain = search_meshes(exp, layout, 8, hbm, search_microbatches=False)
+    assert all(c.microbatches == 1 for c in plain.ranked)
+    assert not {tuple(c.mesh.values()): c for c in plain.ranked}[tuple(data8.values())].fits
+
+
+def test_search_says_why_meshes_are_refused():
+    """Batch 24 = 2^3 x 3 on 16 devices: meshes with 16 batch shards cannot split it (in any number
+    of microbatches); every refused mesh has its reason."""
+    exp = _small(24)
+    result = search_meshes(exp, state_layout(exp), 16, 2**40)
+    assert result.ranked and all(c.fits and c.microbatches == 1 for c in result.ranked)  # ample memory: one pass
+    reasons = {tuple(r.mesh.values()): r.reason for r in result.rejected}
+    assert (
+        "no microbatch count cuts batch 24 into microbatches divisible by data*fsdp*expert=16"
+        in (reasons[tuple(_mesh(data=16).values())])
+    )
+    assert "model=4 does not divide num_kv_heads=2" in reasons[tuple(_mesh(data=4, model=4).values())]
+    assert mesh_rejection(exp, _mesh(data=8), 2) == (
+        "microbatches of 12 rows (batch 24 / 2) are not divisible by data*fsdp*expert=8"
+    )
+    assert mesh_rejection(exp, _mesh(data=8), 5) == "microbatches=5 does not divide batch 24"
 
 
 # --------------------------------------------------------------------------- the command

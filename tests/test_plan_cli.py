@@ -88,3 +88,29 @@ def test_plan_tiny_for_v5p_prints_no_libtpu_noise():
     assert "compiled train step on mesh" in proc.stdout
     output = proc.stdout + proc.stderr
     assert [line for line in output.splitlines() if any(n in line for n in LIBTPU_NOISE)] == []
+
+
+def test_search_where_nothing_fits_says_why_per_candidate():
+    """Tiny at 262,144 positions with the score-materialising XLA attention: no mesh of 8 devices
+    holds even one sequence's scores; every candidate is listed with its reason, exit 1."""
+    long = 262144
+    proc = run(
+        [
+            "plan",
+            "--config",
+            "configs/tiny.py",
+            "--topology",
+            "v5p:2x2x2",
+            "--search",
+            "--nocompile",
+            "--config.model.attention_impl=xla",
+            f"--config.model.max_position_embeddings={long}",
+            f"--config.train.seq_len={long}",
+        ]
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "no mesh fits; why, per candidate" in out and "best mesh: none fits" in out
+    lines = out.split("no mesh fits; why, per candidate", 1)[1].splitlines()
+    assert any("memory over by" in line and "microbatches=" in line for line in lines)
+    assert any("model=4 does not divide num_kv_heads=2" in line for line in lines)

@@ -6,7 +6,10 @@ step fit, and what will it cost?
    scaling-law view of the budget (EL, optimal LR and batch for --tokens).
 2. Compiled (libtpu, no TPU): the real train step lowered and compiled for the topology;
    memory_analysis per device against the chip's HBM, FLOPs against the analytic count.
-3. --search: mesh factorizations ranked analytically; the best --search_compile are compiled.
+3. --search: meshes x microbatch counts (gradient accumulation, `train.microbatches`) ranked
+   analytically, each mesh with the fewest microbatches that fit; the best --search_compile are
+   compiled with their microbatch count. When nothing fits, every candidate is listed with why
+   (a mesh axis that does not divide, or the memory it is over by).
 
 Exit status 1 when the step does not fit (the compiled verdict when there is one, else the
 analytic one), with the biggest consumers named. The last line is one JSON object with the figures.
@@ -26,7 +29,9 @@ _CONFIG = define_config_flag()
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x2", "TPU slice, GENERATION:AxBxC (v4, v5e, v5p, v6e, tpu7x)")
 _TOKENS = flags.DEFINE_float("tokens", 20e12, "planned training tokens, for the scaling-law budget C = M x tokens")
 _COMPILE = flags.DEFINE_bool("compile", True, "compile the train step ahead of time (needs libtpu)")
-_SEARCH = flags.DEFINE_bool("search", False, "rank every mesh factorization of the topology's devices")
+_SEARCH = flags.DEFINE_bool(
+    "search", False, "rank every mesh of the topology's devices, each with the fewest microbatches that fit"
+)
 _SEARCH_COMPILE = flags.DEFINE_integer("search_compile", 2, "with --search: compile this many of the best meshes")
 _SEARCH_SHOW = flags.DEFINE_integer("search_show", 10, "with --search: rows of the ranking to print")
 _TOP = flags.DEFINE_integer("top", 5, "largest state tensors to name when the step does not fit")
@@ -35,6 +40,7 @@ _TOP = flags.DEFINE_integer("top", 5, "largest state tensors to name when the st
 def compiled_summary(plan, hbm: int) -> dict:
     out = {
         "mesh": plan.mesh_shape,
+        "microbatches": plan.microbatches,
         "lower_seconds": round(plan.lower_seconds, 2),
         "compile_seconds": round(plan.compile_seconds, 2),
         "program_flops": plan.program.total,
@@ -51,27 +57,36 @@ def compiled_summary(plan, hbm: int) -> dict:
 
 
 def _search(exp, layout, topo, devices, result) -> tuple[bool, object]:
-    """Ranks meshes, compiles the best few when `devices` is given; returns (fits, best candidate)."""
+    """Ranks meshes x microbatch counts, compiles the best few when `devices` is given; returns
+    (fits, best candidate). When none fits, prints why per candidate."""
     from ling_jax.plan import report
-    from ling_jax.plan.compiled import compile_train_step
+    from ling_jax.plan.compiled import compile_train_step, with_microbatches
     from ling_jax.plan.search import communication_bytes, search_meshes
 
     hbm = topo.hbm_bytes_per_device
-    ranked = search_meshes(exp, layout, topo.num_devices, hbm)
+    searched = search_meshes(exp, layout, topo.num_devices, hbm)
+    ranked = searched.ranked
     comm = [communication_bytes(exp, c) for c in ranked]
-    verdicts, compiled_fit = {}, []
+    verdicts, compiled_fit, summaries = {}, [], {}
     for cand in ranked[: _SEARCH_COMPILE.value if devices is not None else 0]:
         key = report.mesh_text(cand.mesh)
-        summary = compiled_summary(compile_train_step(exp, cand.mesh, devices), hbm)
+        summary = compiled_summary(
+            compile_train_step(with_microbatches(exp, cand.microbatches), cand.mesh, devices), hbm
+        )
         used = summary.get("total_bytes") or summary["required_bytes"] or 0
         verdicts[key] = f"{'fits' if summary['fits'] else 'NO'}, {report.gib(used)}"
-        print(f"compiled {key} in {summary['compile_seconds']:.1f} s: {verdicts[key]}")
+        summaries[key] = summary
+        print(
+            f"compiled {key} with {cand.microbatches} microbatches in {summary['compile_seconds']:.1f} s: "
+            f"{verdicts[key]} per chip"
+        )
         if summary["fits"]:
             compiled_fit.append(cand)
     report.print_search(ranked, comm, verdicts, _SEARCH_SHOW.value)
     result["search"] = [
         {
             "mesh": c.mesh,
+            "microbatches": c.microbatches,
             "analytic_bytes": c.memory_bytes,
             "analytic_fits": c.fits,
             "comm_bytes": cm,
@@ -79,9 +94,26 @@ def _search(exp, layout, topo, devices, result) -> tuple[bool, object]:
         }
         for c, cm in list(zip(ranked, comm))[: _SEARCH_SHOW.value]
     ]
-    fitting = compiled_fit if verdicts else [c for c in ranked if c.fits]
-    result["best_mesh"] = fitting[0].mesh if fitting else None
-    print(f"best mesh: {report.mesh_text(fitting[0].mesh) if fitting else 'none fits'}")
+    result["search_rejected"] = len(searched.rejected)
+    fitting = compiled_fit if verdicts else searched.fitting
+    best = fitting[0] if fitting else None
+    result["best_mesh"] = best.mesh if best else None
+    result["best_microbatches"] = best.microbatches if best else None
+    if best is not None:
+        key = report.mesh_text(best.mesh)
+        where = (
+            f"compiled {report.gib(summaries[key]['total_bytes'])} per chip"
+            if key in summaries
+            else f"analytic {report.gib(best.memory_bytes)} per chip (not compiled)"
+        )
+        result["best_compiled"] = summaries.get(key)
+        print(
+            f"best mesh: {key}, {best.microbatches} microbatches of {best.microbatch_rows} x {exp.train.seq_len}; "
+            f"{where} of {report.gib(hbm)}"
+        )
+    else:
+        report.print_why_none_fits(searched, verdicts)
+        print("best mesh: none fits")
     return bool(fitting), (fitting or ranked or [None])[0]
 
 

@@ -15,6 +15,7 @@ def get_config():
         dense_layers=4,
         batch_size=18144,
         learning_rate=1.86e-4,
+        microbatches=189,
     )
     config.model.remat_policy = "full"
     # moe_dispatch "auto" (ragged on TPU, per batch shard) compiled for v5p:16x16x16, mesh data=1 fsdp=512

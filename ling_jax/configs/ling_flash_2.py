@@ -14,4 +14,5 @@ def get_config():
         dense_layers=1,
         batch_size=8352,
         learning_rate=2.61e-4,
+        microbatches=29,
     )

@@ -14,4 +14,5 @@ def get_config():
         dense_layers=1,
         batch_size=4400,
         learning_rate=3.36e-4,
+        microbatches=11,
     )

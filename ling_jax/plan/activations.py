@@ -1,8 +1,14 @@
 """First-order activation memory per device of one train step (a plan, not a measurement).
 
-Per-device sizes: the batch is split over data x fsdp x expert (ling_jax/sharding/rules.py), so a
-device holds b = batch / (data*fsdp*expert) sequences, N = b * T tokens; the model axis splits
-heads, FFN widths and the vocabulary (it replicates tokens). Activations use `model.dtype`,
+Per-device sizes: with gradient accumulation (`train.microbatches` = k) a step holds the
+activations of one microbatch of batch / k rows at a time (the scan in ling_jax/train/step.py),
+plus a float32 gradient accumulator (counted with the state, ling_jax/plan/search.py). A
+microbatch is split over data x fsdp x expert and the sequence over context
+(ling_jax/sharding/rules.py), so a device holds b = batch / (k*data*fsdp*expert) sequences of
+T = seq_len / context positions, N = b * T tokens; the model axis splits heads, FFN widths and the
+vocabulary (it replicates tokens). With context > 1 attention gathers every sequence's keys and
+values (S = seq_len keys per query; ling_jax/ops/context_parallel.py). A flash kernel (splash on
+TPU, cuDNN on GPU) keeps no scores, only a float32 log-sum-exp per query and head. Activations use `model.dtype`,
 attention scores and logits float32 (as the layers compute them).
 
 Terms (each is a line of the breakdown):
@@ -84,17 +90,28 @@ def dispatch_bytes(cfg: ModelConfig, tokens: int, expert_ways: int, model_ways: 
 
 
 def layer_activations(
-    cfg: ModelConfig, tokens: int, seqs: int, model_ways: int, is_moe: bool, dispatch: int = 0
+    cfg: ModelConfig,
+    tokens: int,
+    seqs: int,
+    model_ways: int,
+    is_moe: bool,
+    dispatch: int = 0,
+    keys: int | None = None,
+    flash: bool = False,
 ) -> LayerActivations:
     """Forward intermediates of one decoder layer on one device (N = tokens, b = seqs); `dispatch`
-    is the MoE dispatch buffers' bytes (`dispatch_bytes`)."""
+    is the MoE dispatch buffers' bytes (`dispatch_bytes`); `keys`: keys per query (default the local
+    length; the whole sequence under context parallelism); `flash`: a kernel that keeps no scores."""
     dt = np.dtype(cfg.dtype).itemsize
     D, Dh, T = cfg.hidden_size, cfg.head_dim, tokens // max(seqs, 1)
+    S = T if keys is None else keys
     H, K = _split(cfg.num_heads, model_ways), _split(cfg.num_kv_heads, model_ways)
     nd = tokens * D * dt
     qkv = tokens * (H + 2 * K) * Dh * dt
-    scores = seqs * H * T * T * (F32 + dt)  # float32 scores + probabilities in dtype
-    attention = 2 * qkv + scores + tokens * H * Dh * dt + nd  # raw and normed/roped q,k,v; output; o_proj
+    # float32 scores + probabilities in dtype; a flash kernel: a float32 log-sum-exp per query and head
+    scores = seqs * H * T * F32 if flash else seqs * H * T * S * (F32 + dt)
+    gathered_kv = seqs * (S - T) * 2 * K * Dh * dt  # the other context shards' keys and values
+    attention = 2 * qkv + scores + gathered_kv + tokens * H * Dh * dt + nd  # q,k,v raw and normed/roped; out
     residual_norms = 3 * nd  # input norm, residual after attention, post-attention norm
     dots_saved = qkv + nd  # q/k/v and o_proj outputs
     if not is_moe:
@@ -133,16 +150,26 @@ def _layer_weight_count(cfg: ModelConfig, is_moe: bool) -> int:
     return attention + experts + 3 * D * cfg.shared_intermediate_size + D * cfg.num_experts
 
 
-def activation_breakdown(cfg: ModelConfig, batch_size: int, seq_len: int, mesh_sizes: dict[str, int]) -> dict[str, int]:
-    """{term: bytes per device}; see the module docstring for each term."""
+def activation_breakdown(
+    cfg: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    mesh_sizes: dict[str, int],
+    *,
+    microbatches: int = 1,
+    flash: bool = False,
+) -> dict[str, int]:
+    """{term: bytes per device} of one microbatch of batch_size / microbatches rows; see the module
+    docstring for each term."""
     batch_ways = math.prod(mesh_sizes[a] for a in mesh_axes("activation_batch", mesh_sizes))
+    context = math.prod(mesh_sizes[a] for a in mesh_axes("activation_length", mesh_sizes))
     model_ways = mesh_sizes["model"]
-    seqs = max(1, batch_size // batch_ways)
-    tokens = seqs * seq_len
+    seqs = max(1, batch_size // microbatches // batch_ways)
+    tokens = seqs * _split(seq_len, context)
     dt = np.dtype(cfg.dtype).itemsize
-    dense = layer_activations(cfg, tokens, seqs, model_ways, is_moe=False)
+    dense = layer_activations(cfg, tokens, seqs, model_ways, is_moe=False, keys=seq_len, flash=flash)
     dispatch = dispatch_bytes(cfg, tokens, mesh_sizes["expert"], model_ways)
-    moe = layer_activations(cfg, tokens, seqs, model_ways, is_moe=True, dispatch=dispatch)
+    moe = layer_activations(cfg, tokens, seqs, model_ways, is_moe=True, dispatch=dispatch, keys=seq_len, flash=flash)
     stack_layers = ((cfg.num_dense_layers, dense), (cfg.num_moe_layers, moe))
     saved = sum(n * _saved_per_layer(layer, cfg.remat_policy) for n, layer in stack_layers)
     saved += cfg.num_mtp_layers * (moe.total + 3 * moe.boundary)  # not rematerialised; + enorm/hnorm/eh_proj

@@ -64,6 +64,7 @@ class MemoryFigures:
 @dataclasses.dataclass(frozen=True)
 class CompiledPlan:
     mesh_shape: dict[str, int]
+    microbatches: int  # train.microbatches of the compiled step
     lower_seconds: float
     compile_seconds: float
     program: ProgramFlops  # global matmul FLOPs of the traced step
@@ -83,6 +84,13 @@ def resolve_dispatch(exp: Experiment, target: Target | str) -> Experiment:
     if impl == exp.model.moe_dispatch:
         return exp
     return dataclasses.replace(exp, model=exp.model.replace(moe_dispatch=impl))
+
+
+def with_microbatches(exp: Experiment, microbatches: int) -> Experiment:
+    """`exp` with train.microbatches set (validated like a config: it must divide the batch)."""
+    if microbatches == exp.train.microbatches:
+        return exp
+    return dataclasses.replace(exp, train=dataclasses.replace(exp.train, microbatches=microbatches))
 
 
 def abstract_batch(batch_size: int, seq_len: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -131,7 +139,9 @@ def compile_train_step(exp: Experiment, mesh_sizes: dict[str, int], devices) -> 
     exp, mesh, abstract, traced, lowered, lower_seconds = lower_train_step(exp, mesh_sizes, devices)
     lowered_at = time.perf_counter()
     flops = program_flops(traced.jaxpr)
-    base = dict(mesh_shape=dict(mesh.shape), lower_seconds=lower_seconds, program=flops)
+    base = dict(
+        mesh_shape=dict(mesh.shape), microbatches=exp.train.microbatches, lower_seconds=lower_seconds, program=flops
+    )
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:

@@ -5,8 +5,12 @@ from __future__ import annotations
 from ling_jax.params import ParamCounts
 from ling_jax.plan.budget import Budget
 from ling_jax.plan.compiled import CompiledPlan
-from ling_jax.plan.search import Candidate
+from ling_jax.plan.search import Candidate, SearchResult
 from ling_jax.plan.topology import GiB, Topology
+
+
+def microbatch_text(cand: Candidate) -> str:
+    return f"{cand.microbatches} microbatch{'es' if cand.microbatches > 1 else ''} of {cand.microbatch_rows} rows"
 
 
 def gib(n: float) -> str:
@@ -23,6 +27,7 @@ def memory_rows(cand: Candidate) -> list[tuple[str, int]]:
         ("parameters", s.params_bytes),
         ("optimizer state (AdamW mu + nu)", s.optimizer_bytes),
         ("gradients", s.gradient_bytes),
+        (f"gradient accumulator (float32, {cand.microbatches} microbatches)", cand.accumulator_bytes),
         ("expert biases + counters", s.other_bytes),
     ]
     rows += [
@@ -49,7 +54,7 @@ def print_model(counts: ParamCounts, flops_per_token: float, step_tokens: int, n
 
 
 def print_memory(cand: Candidate, topo: Topology) -> None:
-    print(f"analytic memory per device on mesh {mesh_text(cand.mesh)}:")
+    print(f"analytic memory per device on mesh {mesh_text(cand.mesh)}, {microbatch_text(cand)}:")
     for name, value in memory_rows(cand):
         print(f"  {name:<46} {gib(value):>14}")
     verdict = "fits" if cand.fits else "DOES NOT FIT"
@@ -81,7 +86,8 @@ def print_consumers(cand: Candidate, top: int) -> None:
 
 def print_compiled(plan: CompiledPlan, num_devices: int, hbm: int, analytic_flops_per_device: float) -> None:
     print(
-        f"compiled train step on mesh {mesh_text(plan.mesh_shape)}: lowered in {plan.lower_seconds:.1f} s, "
+        f"compiled train step on mesh {mesh_text(plan.mesh_shape)}, {plan.microbatches} microbatches: "
+        f"lowered in {plan.lower_seconds:.1f} s, "
         f"compiled in {plan.compile_seconds:.1f} s"
     )
     if plan.error:
@@ -109,10 +115,32 @@ def print_compiled(plan: CompiledPlan, num_devices: int, hbm: int, analytic_flop
 
 
 def print_search(ranked: list[Candidate], comm: list[float], compiled: dict, shown: int) -> None:
-    print(f"mesh search: {len(ranked)} valid factorizations; best {min(shown, len(ranked))} by the analytic plan:")
-    print(f"  {'mesh':<38} {'memory/device':>14} {'comm/device':>13}  analytic  compiled")
+    print(f"mesh search: {len(ranked)} valid meshes; best {min(shown, len(ranked))} by the analytic plan:")
+    print(f"  {'mesh':<46} {'microbatches':>12} {'memory/device':>14} {'comm/device':>13}  analytic  compiled")
     for cand, c in list(zip(ranked, comm))[:shown]:
         key = mesh_text(cand.mesh)
         result = compiled.get(key)
         ctext = "-" if result is None else result
-        print(f"  {key:<38} {gib(cand.memory_bytes):>14} {gib(c):>13}  {'fits' if cand.fits else 'no':<8}  {ctext}")
+        print(
+            f"  {key:<46} {cand.microbatches:>12} {gib(cand.memory_bytes):>14} {gib(c):>13}  "
+            f"{'fits' if cand.fits else 'no':<8}  {ctext}"
+        )
+
+
+def print_why_none_fits(result: SearchResult, compiled: dict) -> None:
+    """Every candidate mesh and why it cannot run: refused outright, over the HBM by X GiB (analytic,
+    at its least-memory microbatch count), or out of memory when compiled."""
+    print(f"no mesh fits; why, per candidate ({len(result.ranked) + len(result.rejected)}):")
+    for cand in result.ranked:
+        key = mesh_text(cand.mesh)
+        if key in compiled:
+            why = f"compiled: {compiled[key]}"
+        elif cand.fits:
+            why = f"fits analytically ({gib(cand.memory_bytes)} of {gib(cand.hbm_bytes)}), not compiled"
+        else:
+            over = gib(cand.memory_bytes - cand.hbm_bytes)
+            why = f"memory over by {over} ({gib(cand.memory_bytes)} of {gib(cand.hbm_bytes)})"
+        print(f"  {key:<46} microbatches={cand.microbatches}: {why}")
+    for r in result.rejected:
+        k = f" microbatches={r.microbatches}" if r.microbatches else ""
+        print(f"  {mesh_text(r.mesh):<46}{k}: {r.reason}")

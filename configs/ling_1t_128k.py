@@ -1,0 +1,3 @@
+"""The packaged `ling_1t_128k` preset (ling_jax/configs/ling_1t_128k.py), here where people look for configs."""
+
+from ling_jax.configs.ling_1t_128k import get_config  # noqa: F401

@@ -1,0 +1,3 @@
+"""The packaged `ling_mini_2_32k` preset (ling_jax/configs/ling_mini_2_32k.py), here where people look for configs."""
+
+from ling_jax.configs.ling_mini_2_32k import get_config  # noqa: F401

@@ -1,0 +1,22 @@
+"""Ling-mini-2.0, the 128K stage: YaRN factor 4 over an original 32,768 (RoPE theta 600k), started from the 32K
+stage's run with `ling-jax train --config configs/ling_mini_2_128k.py --init RUNS/ling_mini_2_32k`. The report gives
+no token count for this stage: set train.steps.
+Bias update rate 1e-4, splash attention with the sequence split over the context axis
+(ling_jax/train/config.py context_stage). The batch (128 x 128K) keeps about the 4K stage's tokens per
+step, rounded to a batch that splits over power-of-two meshes (our choice: the report gives no batch
+for this stage)."""
+
+from ling_jax.configs.ling_mini_2 import get_config as pretraining_config
+from ling_jax.train.config import context_stage
+
+
+def get_config():
+    return context_stage(
+        pretraining_config(),
+        seq_len=131072,
+        batch_size=128,
+        microbatches=4,
+        tokens=None,
+        yarn=True,
+        mesh={"data": -1, "context": 8},
+    )
