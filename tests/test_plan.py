@@ -493,6 +493,8 @@ def test_ling_1t_compiles_for_v5p_16x16x16_and_fits():
         "--config.mesh.expert=1",
         "--config.mesh.model=8",
         "--config.train.batch_size=512",
+        "--config.train.microbatches=1",  # one pass at batch 512, without the 4K stage's batch ramp
+        "--config.train.batch_ramp.start=0",
         "--config.model.moe_dispatch=dense",
         timeout=3000,
     )
