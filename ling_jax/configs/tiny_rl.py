@@ -16,7 +16,7 @@ def get_config():
     del config["sft"]
     # RL's optimizer: a constant LR after a short warmup, no weight decay (the policy should move only
     # where the rewards push it).
-    config.train.update(learning_rate=1e-3, warmup_steps=2, weight_decay=0.0, log_every=1, sample_tokens=0)
+    config.train.update(learning_rate=3e-4, warmup_steps=2, weight_decay=0.0, log_every=1, sample_tokens=0)
     config.checkpoint.update(every=10, keep=2)
     config.rl = rl_defaults()
     config.rl.update(
