@@ -23,7 +23,7 @@ def test_base_config_builds_the_defaults():
     exp = experiment_from_config(base_config())
     assert isinstance(exp, Experiment)
     assert exp.model.rope_scaling is None  # factor 0 in the ConfigDict means "no rope scaling"
-    assert exp.mesh.axes == {"data": -1, "fsdp": 1, "expert": 1, "model": 1}
+    assert exp.mesh.axes == {"data": -1, "fsdp": 1, "expert": 1, "context": 1, "model": 1}
 
 
 @pytest.mark.parametrize("preset", ["tiny", "ling_mini_2", "ling_flash_2", "ling_1t"])
@@ -168,23 +168,26 @@ def test_config_json_round_trip(rope_scaling):
 
 # --------------------------------------------------------------------------- mesh
 def test_mesh_config_minus_one_resolution():
-    assert resolve_mesh_shape(MeshConfig().axes, 8) == {"data": 8, "fsdp": 1, "expert": 1, "model": 1}
+    assert resolve_mesh_shape(MeshConfig().axes, 8) == {"data": 8, "fsdp": 1, "expert": 1, "context": 1, "model": 1}
     assert resolve_mesh_shape(MeshConfig(data=-1, expert=2, model=2).axes, 8) == {
         "data": 2,
         "fsdp": 1,
         "expert": 2,
+        "context": 1,
         "model": 2,
     }
     assert resolve_mesh_shape(MeshConfig(data=2, fsdp=-1, expert=2).axes, 8) == {
         "data": 2,
         "fsdp": 2,
         "expert": 2,
+        "context": 1,
         "model": 1,
     }
     assert resolve_mesh_shape(MeshConfig(data=1, fsdp=4, expert=2).axes, 8) == {
         "data": 1,
         "fsdp": 4,
         "expert": 2,
+        "context": 1,
         "model": 1,
     }
 
@@ -209,14 +212,14 @@ def test_build_mesh_uses_every_device_with_auto_axes():
 
 def test_batch_must_divide_over_the_batch_axes():
     exp = experiment_from_config(small_config(train={"batch_size": 12}))
-    mesh = AbstractMesh((8, 1, 1, 1), MESH_AXES)
+    mesh = AbstractMesh((8, 1, 1, 1, 1), MESH_AXES)
     with pytest.raises(ConfigError, match=r"train\.batch_size=12 .*mesh\.data x mesh\.fsdp x mesh\.expert = 8"):
         check_batch_layout(exp, mesh)
     check_batch_layout(dataclasses.replace(exp, train=dataclasses.replace(exp.train, batch_size=16)), mesh)
     # 'model' does not split the batch: 12 rows over data=2 x model=4 is fine.
-    check_batch_layout(exp, AbstractMesh((2, 1, 1, 4), MESH_AXES))
+    check_batch_layout(exp, AbstractMesh((2, 1, 1, 1, 4), MESH_AXES))
     with pytest.raises(ConfigError, match=r"= 8"):
-        check_batch_layout(exp, AbstractMesh((1, 2, 4, 1), MESH_AXES))
+        check_batch_layout(exp, AbstractMesh((1, 2, 4, 1, 1), MESH_AXES))
 
 
 # --------------------------------------------------------------------------- through the CLI
