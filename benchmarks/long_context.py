@@ -1,7 +1,7 @@
 """Context extension on CPU: passkey retrieval at 1,024 tokens after YaRN vs plain RoPE.
 
-    python benchmarks/long_context.py [--short_len 256] [--long_len 1024] [--short_steps 400]
-        [--long_steps 60] [--samples 10] [--workdir /tmp/long_context]
+    python benchmarks/long_context.py [--short_len 256] [--long_len 1024] [--short_steps 2000]
+        [--long_steps 100] [--samples 10] [--workdir /tmp/long_context]
 
 1. Stage "short": the tiny preset trained with the real training loop (ling_jax.train.loop.run)
    at sequence length `short_len` with `passkey_fraction` of its rows passkey samples
@@ -87,11 +87,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short_len", type=int, default=256)
     parser.add_argument("--long_len", type=int, default=1024)
-    parser.add_argument("--short_steps", type=int, default=400)
-    parser.add_argument("--long_steps", type=int, default=60)
+    parser.add_argument("--short_steps", type=int, default=2000)
+    parser.add_argument("--long_steps", type=int, default=100)
     parser.add_argument("--short_batch", type=int, default=16)
     parser.add_argument("--long_batch", type=int, default=4)
-    parser.add_argument("--passkey_fraction", type=float, default=0.5)
+    parser.add_argument("--passkey_fraction", type=float, default=0.8)
     parser.add_argument("--max_tokens", type=int, default=2_000_000, help="corpus tokens (0: the whole corpus)")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=30)
