@@ -22,13 +22,13 @@ from ling_jax.platform import configure_platform, reexec_with_huge_pages
 
 COMMANDS = {
     "train": "train a model from a config (default: tiny Ling on the Python stdlib, CPU-friendly)",
-    "eval": "held-out loss of a checkpoint",
+    "eval": "held-out loss of a checkpoint, or passkey retrieval accuracy (--task passkey --length N)",
     "merge": "WSM: merge the last K+1 checkpoints with decay-emulating weights",
     "params": "total / activated parameter counts of a config",
     "plan": "memory / FLOP plan of a config on a TPU topology (ahead-of-time compile)",
+    "generate": "stream text from a run's checkpoint or an HF checkpoint (optionally MTP speculative)",
     "sft": "supervised fine-tuning on chat data (default: tiny Ling on the embedded arithmetic task)",
     "rl": "reinforcement learning from an SFT run (LPO / GRPO / GSPO on the embedded arithmetic task)",
-    "generate": "stream text from a run's checkpoint or an HF checkpoint (optionally MTP speculative)",
 }
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "LING_JAX_DEBUG"
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         sys.exit(0 if len(argv) >= 2 else USAGE_EXIT)
     command = argv[1]
+    from ling_jax.commands.flags import expand_presets  # --config NAME: a packaged preset's file
+
+    argv = expand_presets(argv)
     config_file = _check_config_file(command, argv)
     configure_platform()
     from absl import app, flags, logging
