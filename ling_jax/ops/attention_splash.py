@@ -21,7 +21,6 @@ mask blocks of its own rows.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -59,7 +58,6 @@ class _SlotCausalMask(splash.CausalMask):
         self.q_sequence = np.asarray(query_slots, np.int32)
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(num_heads: int, T: int, S: int, slots: tuple[int, ...] | None, q_shards: int, interpret: bool):
     if slots is None:
         head_mask = splash.CausalMask((T, S), shard_count=q_shards)
@@ -77,11 +75,13 @@ def _kernel(num_heads: int, T: int, S: int, slots: tuple[int, ...] | None, q_sha
         block_kv_dq=b,
     )
     mask = splash.MultiHeadMask([head_mask] * num_heads)
+    # Built anew per trace, never cached: the kernel holds its mask tables as arrays, and a kernel made
+    # inside one trace (scan, remat, grad) carries that trace's tracers into the next one.
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=q_shards, interpret=interpret)
 
 
 def splash_kernel(num_heads: int, T: int, S: int, *, query_slots=None, q_shards: int = 1, interpret: bool = False):
-    """The (cached) kernel for H heads, T query rows (all shards together) and S keys."""
+    """The kernel for H heads, T query rows (all shards together) and S keys."""
     why = unsupported_reason(T // q_shards, S)
     if why is not None:
         raise ValueError(f"model.attention_impl='splash': {why}")
