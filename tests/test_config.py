@@ -192,7 +192,17 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_loads_and_validates(name):
-    exp = experiment_from_config(_load_preset(name))
+    config = _load_preset(name)
+    if "sft" in config:  # post-training presets: their own section beside the experiment's
+        from ling_jax.posttrain.sft import split_config
+
+        exp = split_config(config)[0]
+    elif "rl" in config:
+        from ling_jax.rl.config import rl_from_config
+
+        exp = rl_from_config(config)[0]
+    else:
+        exp = experiment_from_config(config)
     cfg = exp.model
     cfg.validate()
     assert cfg.rotary_dim % 2 == 0 and cfg.num_heads % cfg.num_kv_heads == 0

@@ -230,7 +230,7 @@ def test_shard_map_specs_follow_the_rules_table():
     from ling_jax.ops.expert_parallel import DispatchAxes, dispatch_axes, shard_specs, token_shards
     from ling_jax.sharding.mesh import MESH_AXES
 
-    mesh = AbstractMesh((2, 2, 2, 2), MESH_AXES)
+    mesh = AbstractMesh((2, 2, 2, 1, 2), MESH_AXES)  # context 1
     default = dispatch_axes(mesh)
     assert default == DispatchAxes(("data", "fsdp", "expert"), "expert", "model")
     assert shard_specs(*default) == (

@@ -131,6 +131,7 @@ def _check(result: dict) -> None:
         assert result[key] <= RTOL, (key, result[key])
 
 
+@pytest.mark.slow  # ~100 s on the 2-core host: over the non-slow suite's budget
 def test_microbatches_equal_one_batch_on_one_device():
     mesh, batch, k = CASES["single"]
     _check(compare(mesh, batch, k))

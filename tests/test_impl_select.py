@@ -97,7 +97,7 @@ def test_hopper_is_judged_from_the_device_kind():
 
 def test_target_follows_the_traced_mesh_not_the_default_backend():
     assert kernel_target().platform == jax.default_backend() == "cpu"
-    mesh = AbstractMesh((1, 1, 1, 1), MESH_AXES, abstract_device=AbstractDevice("TPU v5p", None, "tpu"))
+    mesh = AbstractMesh((1,) * len(MESH_AXES), MESH_AXES, abstract_device=AbstractDevice("TPU v5p", None, "tpu"))
     with jax.sharding.use_abstract_mesh(mesh):
         assert kernel_target() == TARGETS["tpu"]
 
@@ -124,7 +124,7 @@ def _runtime_choice(cfg: ModelConfig, target: Target, monkeypatch) -> str:
     for name, impl in IMPLS.items():
         monkeypatch.setitem(IMPLS, name, dataclasses.replace(impl, fn=recorder(name)))
     mesh = AbstractMesh(
-        (1, 1, 1, 1), MESH_AXES, abstract_device=AbstractDevice(target.device_kind, None, target.platform)
+        (1,) * len(MESH_AXES), MESH_AXES, abstract_device=AbstractDevice(target.device_kind, None, target.platform)
     )
     x_BTD, mask_BT = jnp.ones((2, 4, cfg.hidden_size), cfg.jnp_dtype), jnp.ones((2, 4), bool)
     with jax.sharding.use_abstract_mesh(mesh), warnings.catch_warnings():
