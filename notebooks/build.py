@@ -440,10 +440,194 @@ ax.legend(fontsize=7, loc="lower right"); plt.show()"""
     ]
 
 
+# --------------------------------------------------------------------------- 04 post-training and decoding
+def posttraining_and_decoding() -> list:
+    return header(
+        "04_posttraining_and_decoding",
+        "Post-training and fast decoding: think-on/off SFT, RL with LPO, MTP speculative decoding",
+        "What turned Ling-1T into a reasoning model, at toy scale on a CPU: supervised fine-tuning on chat "
+        "conversations in the two Ling modes (*detailed thinking on*: a `<think>` trace, then the answer; "
+        "*off*: the answer alone), then reinforcement learning with LPO (sentence-level importance ratios) "
+        "and the Evo-CoT rewards, and finally decoding with the model's own MTP layer drafting tokens that "
+        "the main model verifies. Everything runs offline on the embedded arithmetic task "
+        "(`ling_jax/tasks/arithmetic.py`): problems, answers, checker and think-on traces are made by the "
+        "program.\n\n"
+        f"**Length**: about 10 minutes on a 2-core CPU. Set the environment variable `{FAST_ENV}=1` before "
+        "starting the kernel for a short run (a few steps per stage; CI runs it that way).",
+    ) + [
+        new_code_cell(install_cell()),
+        new_markdown_cell(
+            "## The task and the chat format\n\nProblems are 2-digit additions and subtractions. Which split "
+            "a problem belongs to is a function of the problem (a hash), so training never sees a held-out "
+            "problem. A think-on trace works column by column from the last digit, one *sentence* per "
+            "column: LPO clips its importance ratio per sentence, and `sentence_unit_ids` finds them from "
+            "the decoded text of each token (a unit ends at a token holding pause punctuation)."
+        ),
+        new_code_cell(
+            """import os, tempfile
+from pathlib import Path
+import jax, numpy as np
+import matplotlib.pyplot as plt
+from IPython.display import display
+import ling_jax, ling_jax.rl
+from ling_jax.data import chat
+from ling_jax.data.tokenizer import load_tokenizer
+from ling_jax.tasks import arithmetic
+
+FAST = os.environ.get("FAST_ENV") == "1"
+task = arithmetic.TaskConfig(max_digits=2)
+problem = arithmetic.make_split("train", 1, seed=3, config=task)[0]
+think_on, think_off = arithmetic.sft_trace(problem, think=True), arithmetic.sft_trace(problem, think=False)
+print("problem:", problem.prompt, "=", problem.answer)
+print("think-on reply: ", think_on, "| checker:", arithmetic.check(think_on, problem))
+print("think-off reply:", think_off, "| a wrong reply:", arithmetic.check("12", problem))
+tokenizer = load_tokenizer("byte")
+rendered = chat.render(chat.conversation(problem.prompt, think_on, think=True), tokenizer)
+n_loss = int(rendered.assistant_mask_L.sum())
+print(f"\\nrendered for training ({len(rendered.ids_L)} tokens, the loss on the {n_loss} tokens the assistant wrote):")
+print(tokenizer.decode(rendered.ids_L.tolist()))
+pieces = [tokenizer.decode([t]) for t in tokenizer.encode(think_on)]
+units = ling_jax.rl.sentence_unit_ids(pieces)
+sentences = ["".join(p for p, u in zip(pieces, units) if u == k) for k in sorted(set(units))]
+print("\\nLPO sentence units:", sentences)""".replace("FAST_ENV", FAST_ENV)
+        ),
+        new_markdown_cell(
+            "## SFT: both modes from one run\n\n`ling-jax sft --workdir W` runs the `tiny_sft` preset: the tiny "
+            "model trained from scratch on rendered conversations (half think-on, half think-off) packed into "
+            "rows with segment ids, the loss on assistant tokens only, with the same train step, checkpoints, "
+            "metrics and resume as pre-training. `run_sft` is the same from Python; at the end it measures "
+            "greedy held-out accuracy in both modes."
+        ),
+        new_code_cell(
+            """from ling_jax.posttrain.sft import run_sft
+from ling_jax.train.metrics_log import read_metrics
+
+root = Path(tempfile.mkdtemp())
+sft_config = ling_jax.configs.get("tiny_sft")
+if FAST:
+    sft_config.train.update(steps=6, log_every=2, eval_batches=1)
+    sft_config.checkpoint.update(every=3)
+    sft_config.sft.update(eval_problems=20, eval_max_new_tokens=24)
+sft = run_sft(sft_config, root / "sft", progress=False)
+print({k: round(v, 3) for k, v in sft.accuracy.items()})
+records = [r for r in read_metrics(root / "sft" / "metrics.jsonl") if "loss" in r]
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.plot([r["step"] for r in records], [r["ce_loss"] for r in records])
+ax.set(xlabel="step", ylabel="nats / assistant token", yscale="log", title="SFT loss")
+display(fig); plt.close(fig)"""
+        ),
+        new_markdown_cell(
+            "## RL: sample, score, update\n\n`ling-jax rl --init W1 --workdir W2` runs the `tiny_rl` preset. "
+            "Each iteration samples G completions for each of P prompts with the project's jitted KV-cache "
+            "sampler (recording each token's log-prob), scores them with the Evo-CoT rewards (correctness, "
+            "the `<think>`-in-think-off format penalty and the group length reward), turns rewards into group "
+            "advantages and takes `rl.updates_per_batch` clipped policy-gradient steps. "
+            "`rl.objective` picks the ratio's unit: `lpo` (sentences), `grpo` (tokens) or `gspo` (the whole "
+            "reply). Reward functions compose: here a toy one is added that rewards replies ending in an even "
+            "digit, at a small weight, to show the shape `fn(prompts, completions, **columns) -> list[float]`."
+        ),
+        new_code_cell(
+            """from ling_jax.rl.config import rl_from_config
+from ling_jax.rl.loop import default_rewards, run as run_rl
+
+rl_config = ling_jax.configs.get("tiny_rl")
+rl_config.rl.init = str(root / "sft")
+if FAST:
+    rl_config.rl.update(iterations=3, prompts_per_iteration=4, group_size=4, heldout_problems=20, eval_batch_size=20)
+exp, rl = rl_from_config(rl_config)
+
+def even_ending(prompts, completions, **_):
+    return [0.1 if c.strip()[-1:] in "02468" and c.strip() else 0.0 for c in completions]
+
+rewards = default_rewards(rl) + [ling_jax.rl.Reward("even_ending", even_ending, weight=0.1)]
+result = run_rl(exp, rl, root / "rl", progress=False, rewards=rewards)
+print(f"held-out accuracy: {result.heldout_first:.3f} (SFT) -> {result.heldout_last:.3f} (after RL)")"""
+        ),
+        new_code_cell(
+            """recs = result.records
+it = [r["step"] for r in recs]
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+axes[0].plot(it, [r["reward"] for r in recs], label="total", lw=2)
+for name in sorted(k for k in recs[0] if k.startswith("reward/")):
+    axes[0].plot(it, [r[name] for r in recs], label=name.split("/")[1], alpha=0.7)
+axes[0].set(xlabel="iteration", title="reward per function"); axes[0].legend(fontsize=7)
+held = [(r["step"], r["heldout_accuracy"]) for r in recs if "heldout_accuracy" in r]
+axes[1].plot(it, [r["train_accuracy"] for r in recs], label="sampled (train prompts)")
+axes[1].plot(*zip(*held), "o-", label="greedy, held-out")
+axes[1].set(xlabel="iteration", title="accuracy"); axes[1].legend(fontsize=7)
+axes[2].plot(it, [r["response_length"] for r in recs], label="response length")
+ax2 = axes[2].twinx(); ax2.plot(it, [r["clip_fraction"] for r in recs], c="tab:red", label="clip fraction")
+axes[2].set(xlabel="iteration", title="length (tokens) and clip fraction")
+fig.tight_layout(); display(fig); plt.close(fig)"""
+        ),
+        new_markdown_cell(
+            "The objective itself is one function, `ling_jax.rl.policy_loss`: the same clipped surrogate "
+            "with the ratio taken per token, per sentence or per sequence. With one set of log-probs, the "
+            "three levels clip different shares of the reply:"
+        ),
+        new_code_cell(
+            """rng = np.random.default_rng(0)
+B, T = 4, 12
+old = rng.normal(-2, 0.5, (B, T)).astype(np.float32)
+new = old + rng.normal(0, 0.05, (B, T)).astype(np.float32)
+mask = np.ones((B, T), np.float32); mask[:, 10:] = 0                 # padding after 10 tokens
+units = np.repeat(np.arange(4), 3)[None].repeat(B, 0)                 # sentences of 3 tokens
+adv = np.array([1.0, -1.0, 0.5, -0.5], np.float32)
+for level in ling_jax.rl.LEVELS:
+    eps_low, eps_high = ling_jax.rl.DEFAULT_EPS[level]
+    loss, stats = ling_jax.rl.policy_loss(new, old, adv, mask, units, level=level, eps_low=eps_low, eps_high=eps_high)
+    print(f"{level:9s} eps {eps_low}/{eps_high}: loss {float(loss):+.4f}, "
+          f"clip fraction {float(stats['clip_fraction']):.2f}")"""
+        ),
+        new_markdown_cell(
+            "## Fast decoding: the MTP layer drafts, the model verifies\n\nThe MTP layer trained alongside "
+            'the model predicts the token after next. `generate(..., speculative="mtp", draft_tokens=k)` '
+            "lets it draft k tokens, the main model checks all of them in one forward, and the accepted "
+            "prefix plus one token of the model's own are kept. Greedy output is exactly plain greedy "
+            "output; fewer main-model forwards are needed per token the more drafts are accepted."
+        ),
+        new_code_cell(
+            """from ling_jax.posttrain.accuracy import heldout_problems, prompt_ids
+from ling_jax.train.init_from import load_init_variables
+
+policy = load_init_variables(root / "rl", exp.model)
+problems = heldout_problems(8 if FAST else 64, task)
+prompts = [prompt_ids(p, tokenizer, think=True) for p in problems]
+stop = [chat.role_end_id(tokenizer)]
+plain = ling_jax.generate(exp.model, policy, prompts, max_new_tokens=48, stop_tokens=stop)
+print("a think-on reply:", repr(tokenizer.decode(plain.tokens[0, : plain.lengths[0]].tolist())))
+rows = []
+for k in (1, 2, 3):
+    spec = ling_jax.generate(exp.model, policy, prompts, max_new_tokens=48, stop_tokens=stop,
+                             speculative="mtp", draft_tokens=k)
+    assert (spec.tokens == plain.tokens).all(), "speculative greedy must equal plain greedy"
+    forwards = max(int(spec.forward_steps.sum()), 1)   # a row that stops at once makes no decode forward
+    acceptance = spec.accepted_drafts.sum() / (k * forwards)
+    per_forward = spec.lengths.sum() / forwards
+    rows.append((k, acceptance, per_forward))
+    print(f"k={k}: the same tokens as plain greedy; acceptance {acceptance:.2f}, "
+          f"tokens per main-model forward {per_forward:.2f}")
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+axes[0].bar([str(r[0]) for r in rows], [r[1] for r in rows])
+axes[0].set(xlabel="draft tokens k", title="acceptance rate")
+axes[1].bar([str(r[0]) for r in rows], [r[2] for r in rows], color="tab:green")
+axes[1].axhline(plain.lengths.sum() / max(int(plain.forward_steps.sum()), 1), c="gray", ls="--", label="plain decoding")
+axes[1].set(xlabel="draft tokens k", title="tokens per main-model forward"); axes[1].legend()
+fig.tight_layout(); display(fig); plt.close(fig)"""
+        ),
+        new_markdown_cell(
+            "On the command line: `ling-jax generate --workdir W2 --speculative mtp --draft-tokens 2 --prompt ...` "
+            "streams the reply and ends with a line of tokens/s and acceptance; `benchmarks/decode.py` measures "
+            "the speed-up over plain decoding."
+        ),
+    ]
+
+
 NOTEBOOKS = {
     "01_quickstart": quickstart,
     "02_training": training,
     "03_checkpoints_and_planning": checkpoints_and_planning,
+    "04_posttraining_and_decoding": posttraining_and_decoding,
 }
 
 

@@ -42,12 +42,7 @@ def test_saved_notebook_is_complete(name):
     assert any("image/png" in o.get("data", {}) for o in outputs), "plots saved as PNG"
 
 
-# The quickstart runs in every CI run; training (~90 s) and planning (~60 s) only with -m slow: the non-slow
-# suite's 20-minute budget on the 2-core host.
-RUN_PARAMS = [n if n.startswith("01") else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
-
-
-@pytest.mark.parametrize("name", RUN_PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, record_property, monkeypatch):
     monkeypatch.setenv(build.FAST_ENV, "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

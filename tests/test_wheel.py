@@ -92,7 +92,6 @@ def test_params_from_the_wheel(installed):
     assert counts["total"] == count_params(configs.model_config("tiny")).total
 
 
-@pytest.mark.slow
 def test_train_from_the_wheel(installed):
     bin_dir, env, work = installed
     overrides = dict(steps=5, batch_size=4, seq_len=64, peak_flops_per_device=1e11, sample_tokens=8, eval_batches=1)

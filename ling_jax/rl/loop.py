@@ -306,13 +306,13 @@ def _run(
 
 def plot_reward_curve(records: list[dict], out_png: Path, title: str = "") -> None:
     """Reward (total and per function) per iteration, with held-out accuracy where measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, drawn by the Agg canvas savefig picks: no pyplot, so the caller's backend
+    # (a notebook's inline one) and its open figures are left alone.
+    from matplotlib.figure import Figure
 
     steps = np.array([r["step"] for r in records])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, [r["reward"] for r in records], label="reward (total)")
     for name in sorted({k for r in records for k in r if k.startswith("reward/")}):
         ax.plot(steps, [r.get(name, np.nan) for r in records], label=name, alpha=0.7)
@@ -325,4 +325,3 @@ def plot_reward_curve(records: list[dict], out_png: Path, title: str = "") -> No
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)

@@ -54,13 +54,13 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss_curve(path: Path, records: list[dict], out_png: Path, reference: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, drawn by the Agg canvas savefig picks: no pyplot, so the caller's backend
+    # (a notebook's inline one) and its open figures are left alone.
+    from matplotlib.figure import Figure
 
     steps = np.array([r["step"] for r in records])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, [r["loss"] for r in records], label="train loss (CE + MTP)")
     ax.plot(steps, [r["ce_loss"] for r in records], label="next-token CE")
     held = [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]
@@ -74,4 +74,3 @@ def plot_loss_curve(path: Path, records: list[dict], out_png: Path, reference: f
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
