@@ -518,9 +518,10 @@ display(fig); plt.close(fig)"""
         ),
         new_markdown_cell(
             "## RL: sample, score, update\n\n`ling-jax rl --init W1 --workdir W2` runs the `tiny_rl` preset. "
-            "Each iteration samples G completions for each of P prompts with the project's jitted KV-cache "
+            "Each iteration samples G completions for each of P think-on prompts with the project's jitted KV-cache "
             "sampler (recording each token's log-prob), scores them with the Evo-CoT rewards (correctness, "
-            "the `<think>`-in-think-off format penalty and the group length reward), turns rewards into group "
+            "the `<think>`-in-think-off format penalty and the group length reward, paid in groups with a correct "
+            "reply), turns rewards into group "
             "advantages and takes `rl.updates_per_batch` clipped policy-gradient steps. "
             "`rl.objective` picks the ratio's unit: `lpo` (sentences), `grpo` (tokens) or `gspo` (the whole "
             "reply). Reward functions compose: here a toy one is added that rewards replies ending in an even "

@@ -46,6 +46,16 @@ def check(completion, answer, **_):
     return completion.strip() == answer
 
 
+def test_length_reward_in_solved_groups_only():
+    # group 0: one correct answer; group 1: none, so its wrong answers would be ranked by length alone
+    completions, answers = ["2", "22", "3", "33"], ["2", "2", "1", "1"]
+    columns = dict(answer=answers, group=[0, 0, 1, 1], lengths=[2, 3, 2, 3])
+    every_group = length_reward_fn(check, 1.0)(["q"] * 4, completions, **columns)
+    solved = length_reward_fn(check, 1.0, solved_groups_only=True)(["q"] * 4, completions, **columns)
+    np.testing.assert_allclose(every_group, [0.5, -0.5, 0.0, -0.5], atol=1e-6)
+    np.testing.assert_allclose(solved, [0.5, -0.5, 0.0, 0.0], atol=1e-6)
+
+
 def test_score_composes_weighted_rewards():
     prompts = ["1+1"] * 4
     completions = ["2", "<think>x</think>2", "3", "22"]

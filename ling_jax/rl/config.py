@@ -38,6 +38,7 @@ class RLConfig:
     correctness_weight: float = 1.0  # +1 / 0 from the task's checker
     format_weight: float = 1.0  # -0.5 for <think> in think-off mode
     length_alpha: float = 0.0  # length reward alpha (0: off)
+    length_solved_groups_only: bool = True  # no length reward in a group with no correct completion
     task_max_digits: int = 3  # the embedded arithmetic task (ling_jax/tasks/arithmetic.py)
     heldout_problems: int = 500  # greedy held-out accuracy, at the first and last iteration
     eval_every: int = 0  # also every N iterations (0: first and last only)

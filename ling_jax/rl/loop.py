@@ -71,7 +71,8 @@ def default_rewards(rl: RLConfig) -> list[Reward]:
         Reward("format", format_reward, rl.format_weight),
     ]
     if rl.length_alpha > 0:
-        rewards.append(Reward("length", length_reward_fn(check, rl.length_alpha), 1.0))
+        length = length_reward_fn(check, rl.length_alpha, solved_groups_only=rl.length_solved_groups_only)
+        rewards.append(Reward("length", length, 1.0))
     return rewards
 
 

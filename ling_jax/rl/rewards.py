@@ -57,17 +57,25 @@ def format_reward(prompts, completions, think=None, **_) -> list[float]:
     return [FORMAT_PENALTY if (not on and THINK_OPEN in c) else 0.0 for c, on in zip(completions, modes)]
 
 
-def length_reward_fn(check: Callable[..., bool], alpha: float) -> RewardFn:
+def length_reward_fn(check: Callable[..., bool], alpha: float, *, solved_groups_only: bool = False) -> RewardFn:
     """The length reward over each group (needs the `group` and `lengths` columns); correctness
-    from `check` as in `correctness_reward`."""
+    from `check` as in `correctness_reward`.
+
+    `solved_groups_only`: a group with no correct completion gets length reward 0. In such a group
+    the reward ranks wrong answers by length alone, and group normalisation
+    (ling_jax.rl.advantages) scales that ranking to unit advantages whatever alpha is, so a policy
+    that solves few problems is taught to shorten everything, its reasoning included
+    (benchmarks/README.md, "RL objectives", measures that collapse)."""
 
     def length(prompts, completions, *, group, lengths, **columns):
-        correct = correctness_reward(check)(prompts, completions, **columns)
+        correct_N = np.asarray(correctness_reward(check)(prompts, completions, **columns)) > 0
         group_N, lengths_N = np.asarray(group), np.asarray(lengths, np.float64)
         out = np.zeros(len(completions), np.float32)
         for g in np.unique(group_N):
             idx = np.flatnonzero(group_N == g)
-            out[idx] = length_reward(lengths_N[idx], np.asarray(correct)[idx] > 0, alpha)
+            if solved_groups_only and not correct_N[idx].any():
+                continue
+            out[idx] = length_reward(lengths_N[idx], correct_N[idx], alpha)
         return out.tolist()
 
     return length
