@@ -524,8 +524,7 @@ display(fig); plt.close(fig)"""
             "reply), turns rewards into group "
             "advantages and takes `rl.updates_per_batch` clipped policy-gradient steps. "
             "`rl.objective` picks the ratio's unit: `lpo` (sentences), `grpo` (tokens) or `gspo` (the whole "
-            "reply). Reward functions compose: here a toy one is added that rewards replies ending in an even "
-            "digit, at a small weight, to show the shape `fn(prompts, completions, **columns) -> list[float]`."
+            "reply)."
         ),
         new_code_cell(
             """from ling_jax.rl.config import rl_from_config
@@ -536,12 +535,7 @@ rl_config.rl.init = str(root / "sft")
 if FAST:
     rl_config.rl.update(iterations=3, prompts_per_iteration=4, group_size=4, heldout_problems=20, eval_batch_size=20)
 exp, rl = rl_from_config(rl_config)
-
-def even_ending(prompts, completions, **_):
-    return [0.1 if c.strip()[-1:] in "02468" and c.strip() else 0.0 for c in completions]
-
-rewards = default_rewards(rl) + [ling_jax.rl.Reward("even_ending", even_ending, weight=0.1)]
-result = run_rl(exp, rl, root / "rl", progress=False, rewards=rewards)
+result = run_rl(exp, rl, root / "rl", progress=False)
 print(f"held-out accuracy: {result.heldout_first:.3f} (SFT) -> {result.heldout_last:.3f} (after RL)")"""
         ),
         new_code_cell(
@@ -560,6 +554,36 @@ axes[2].plot(it, [r["response_length"] for r in recs], label="response length")
 ax2 = axes[2].twinx(); ax2.plot(it, [r["clip_fraction"] for r in recs], c="tab:red", label="clip fraction")
 axes[2].set(xlabel="iteration", title="length (tokens) and clip fraction")
 fig.tight_layout(); display(fig); plt.close(fig)"""
+        ),
+        new_markdown_cell(
+            "Reward functions compose: each has the shape `fn(prompts, completions, **columns) -> "
+            "list[float]` and `ling_jax.rl.score` sums them with their weights (a function that raises or "
+            "returns NaN or the wrong count is an error naming it). Here a toy reward for replies ending in "
+            "an even digit joins the defaults, scored on four replies to one problem (one group):"
+        ),
+        new_code_cell(
+            """problem = arithmetic.Problem(47, 38, "+")
+replies = [arithmetic.sft_trace(problem, think=True), "85",            # right, with and without a trace
+           "<think>7+8+0=14,4+3+1=08</think>84", "84"]                  # wrong
+
+def even_ending(prompts, completions, **_):
+    return [1.0 if c.strip()[-1:] in "02468" else 0.0 for c in completions]
+
+rewards = default_rewards(rl) + [ling_jax.rl.Reward("even_ending", even_ending, weight=0.1)]
+columns = dict(problem=[problem] * 4, group=[0] * 4, think=[True] * 4,
+               lengths=[len(tokenizer.encode(r)) + 1 for r in replies])
+total, parts = ling_jax.rl.score(rewards, [problem.prompt] * 4, replies, **columns)
+for i, reply in enumerate(replies):
+    terms = "  ".join(f"{name} {values[i]:+.2f}" for name, values in parts.items())
+    print(f"{reply:38s} total {round(float(total[i]), 3) + 0.0:+.3f}  {terms}")
+print("group advantages:", ling_jax.rl.group_advantages(total, 4).round(2))"""
+        ),
+        new_markdown_cell(
+            "A small weight does not make a reward small in training: advantages are normalised within "
+            "each group, so in a group where every reply is wrong, whatever else differs (the toy reward, "
+            "or the length) alone decides the ranking, at full size. That is why the length reward is "
+            "paid only in groups with a correct reply (`rl.length_solved_groups_only`); "
+            "benchmarks/README.md shows the policy that learns to stop thinking without it."
         ),
         new_markdown_cell(
             "The objective itself is one function, `ling_jax.rl.policy_loss`: the same clipped surrogate "
