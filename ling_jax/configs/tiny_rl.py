@@ -6,8 +6,8 @@ ling_jax/rl/config.py's RLConfig. Rewards: correctness, the <think> format penal
 reward (in groups with a correct completion).
 
 The prompts use the think-on system prompt: the tiny SFT model answers about a quarter of the
-held-out problems through its <think> trace and almost none directly (think-off: 3%), and with
-about one correct sample in a hundred there is nothing for RL to reinforce. The measurements
+held-out problems through its <think> trace and almost none directly (think-off: 3.6%); with a
+few correct samples in a hundred most groups hold none, and there is little for RL to reinforce. The measurements
 behind the learning rate and the length-reward scope are in benchmarks/README.md ("RL objectives").
 """
 

@@ -1,8 +1,8 @@
 """Tiny Ling SFT: the `tiny` model fine-tuned on the embedded arithmetic task (ling_jax/tasks), half
 of the examples with the think-on system prompt and a column-wise <think> trace, half think-off.
 
-`ling-jax sft --workdir W` with no --config trains it from scratch (no --init) in about 6 minutes on
-a 2-core CPU and reports held-out accuracy in both modes; `--init` starts it from a pre-trained run or an
+`ling-jax sft --workdir W` with no --config trains it from scratch (no --init) in about 4.5 minutes
+on a 2-core CPU and reports held-out accuracy in both modes; `--init` starts it from a pre-trained run or an
 HF checkpoint of the same model. The `sft` section is ling_jax/posttrain/config.py's SFTConfig.
 """
 
