@@ -179,9 +179,7 @@ def test_loop_metrics_checkpoints_and_resume(tmp_path):
 @pytest.mark.slow
 def test_main_job_sft_then_rl(tmp_path):
     """The issue's main job with the default presets: RL raises held-out accuracy by >= 10 points
-    over the SFT checkpoint, and the mean response length does not grow. (Think-on, a correct
-    reply's length is fixed by its problem, so the held-out mean moves by hundredths of a token as
-    answers change: measured 35.184 -> 35.192; "grow" is more than 1%, a third of a token.)"""
+    over the SFT checkpoint, and the mean response length does not grow."""
     sft, rl = tmp_path / "sft", tmp_path / "rl"
     run_cli("sft", "--workdir", str(sft), "--noprogress", timeout=1800)
     out = run_cli("rl", "--init", str(sft), "--workdir", str(rl), "--noprogress", timeout=1800)
@@ -189,7 +187,7 @@ def test_main_job_sft_then_rl(tmp_path):
     first, last = records[0], records[-1]
     assert "held-out accuracy" in out.stdout
     assert last["heldout_accuracy"] - first["heldout_accuracy"] >= 0.10
-    assert last["heldout_response_length"] <= 1.01 * first["heldout_response_length"]
+    assert last["heldout_response_length"] <= first["heldout_response_length"]
 
 
 def test_tiny_rl_preset_fits_tiny_sft():
