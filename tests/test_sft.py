@@ -72,6 +72,21 @@ def test_task_data_mixes_modes_and_holds_out_other_problems():
     for c in convs:
         think = c[0]["content"] == chat.SYSTEM_THINK_ON
         assert (arithmetic.THINK_OPEN in c[2]["content"]) == think
+        assert arithmetic.VERBOSE_STEP not in c[2]["content"]  # verbose_fraction defaults to 0
+
+
+def test_task_data_verbose_fraction_pads_think_on_traces_only():
+    problems = arithmetic.make_split("train", 400, 0)
+    plain = task_conversations(problems, 0.5, 0)
+    convs = task_conversations(problems, 0.5, 0, verbose_fraction=0.75)
+    think_on = [c for c in convs if c[0]["content"] == chat.SYSTEM_THINK_ON]
+    verbose = [c for c in think_on if f",{arithmetic.VERBOSE_STEP}{arithmetic.THINK_CLOSE}" in c[2]["content"]]
+    assert 0.65 < len(verbose) / len(think_on) < 0.85
+    for c, p, ref in zip(convs, problems, plain):
+        assert c[0] == ref[0]  # the same modes as without filler: the draws are independent
+        assert arithmetic.check(c[2]["content"], p)
+        if c[0]["content"] == chat.SYSTEM_THINK_OFF:
+            assert c[2]["content"] == p.answer
 
 
 def test_jsonl_source_errors_name_the_line(tmp_path):
@@ -89,6 +104,10 @@ def test_sft_config_errors():
     config = get("tiny_sft")
     config.sft.think_fraction = 1.5
     with pytest.raises(ConfigError, match="sft.think_fraction"):
+        sft_stage.split_config(config)
+    config = get("tiny_sft")
+    config.sft.verbose_fraction = -0.1
+    with pytest.raises(ConfigError, match="sft.verbose_fraction"):
         sft_stage.split_config(config)
     values = get("tiny_sft").to_dict()
     values["sft"]["thinking"] = 1

@@ -55,6 +55,16 @@ def test_traces(a, b, op, trace):
     assert task.check(trace, p) and task.check(task.sft_trace(p, think=False), p)
 
 
+def test_verbose_trace_adds_only_the_filler_sentence():
+    p = task.Problem(347, 85, "+")
+    verbose = task.sft_trace(p, think=True, verbose=True)
+    assert verbose == "<think>7+5+0=12,4+8+1=13,3+0+1=04,all done</think>432"
+    assert len(verbose) == len(task.sft_trace(p, think=True)) + len("," + task.VERBOSE_STEP)
+    assert task.check(verbose, p)
+    with pytest.raises(ValueError, match="verbose=True needs think=True"):
+        task.sft_trace(p, think=False, verbose=True)
+
+
 def test_trace_columns_recompute_the_answer():
     """Each column step is arithmetic that holds, and the digits it writes spell the answer."""
     for p in task.make_split("train", 2_000, seed=5):

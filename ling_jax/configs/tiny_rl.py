@@ -5,10 +5,11 @@ task are tiny_sft's (read from that preset, so `--init` fits); the `rl` section 
 ling_jax/rl/config.py's RLConfig. Rewards: correctness, the <think> format penalty and the length
 reward (in groups with a correct completion).
 
-The prompts use the think-on system prompt: the tiny SFT model answers about a quarter of the
-held-out problems through its <think> trace and almost none directly (think-off: 3.6%); with a
-few correct samples in a hundred most groups hold none, and there is little for RL to reinforce. The measurements
-behind the learning rate and the length-reward scope are in benchmarks/README.md ("RL objectives").
+The prompts use the think-on system prompt: the tiny SFT model answers 44% of the held-out
+problems through its <think> trace and almost none directly (think-off: 1%); with a few correct
+samples in a hundred most groups would hold none, and there would be little for RL to reinforce.
+The measurements behind the learning rate and the length-reward scope are in benchmarks/README.md
+("RL objectives").
 """
 
 from ling_jax.configs.tiny_sft import get_config as sft_config
@@ -34,7 +35,7 @@ def get_config():
         updates_per_batch=2,
         temperature=1.0,
         top_p=1.0,
-        max_new_tokens=48,  # a 2-digit think-on reply is ~35 tokens; a longer one is wrong anyway
+        max_new_tokens=48,  # a 2-digit think-on reply, filler and stop token included, is <= 45 tokens
         beta=0.0,
         think=True,
         length_alpha=0.2,

@@ -1,7 +1,10 @@
-"""Tiny Ling SFT: the `tiny` model fine-tuned on the embedded arithmetic task (ling_jax/tasks), half
-of the examples with the think-on system prompt and a column-wise <think> trace, half think-off.
+"""Tiny Ling SFT: the `tiny` model fine-tuned on the embedded arithmetic task (ling_jax/tasks), three
+quarters of the examples with the think-on system prompt and a column-wise <think> trace, a quarter
+think-off. Three quarters of the think-on traces end with the filler sentence "all done"
+(`sft.verbose_fraction`), so the SFT model pads its reasoning and the RL stage's length reward has
+something to remove.
 
-`ling-jax sft --workdir W` with no --config trains it from scratch (no --init) in about 4.5 minutes
+`ling-jax sft --workdir W` with no --config trains it from scratch (no --init) in about 8 minutes
 on a 2-core CPU and reports held-out accuracy in both modes; `--init` starts it from a pre-trained run or an
 HF checkpoint of the same model. The `sft` section is ling_jax/posttrain/config.py's SFTConfig.
 """
@@ -15,11 +18,12 @@ from ling_jax.posttrain.config import TASK_SOURCE, SFTConfig
 def get_config():
     config = tiny_config()
     config.data.update(source=TASK_SOURCE, heldout_fraction=0.0)
-    # Rows of 256 bytes hold about two rendered examples (a think-on one is ~120 bytes). 600 steps: the
-    # model copies the operands into its trace after ~250 and then learns the digit sums; measured
-    # think-on accuracy 23% at 600 steps, 1.4% at 300 (benchmarks/README.md, "RL objectives").
+    # Rows of 256 bytes hold about two rendered examples (a think-on one is ~120 bytes). The model copies
+    # the operands into its trace after ~250 steps and then learns the digit sums; with these settings
+    # think-on accuracy was 44% at 800 steps, and 2.6% at 600 with half the examples think-on
+    # (benchmarks/README.md, "RL objectives").
     config.train.update(
-        steps=600,
+        steps=800,
         batch_size=16,
         seq_len=256,
         learning_rate=3e-3,
@@ -31,4 +35,5 @@ def get_config():
     )
     config.checkpoint.update(every=200, keep=3)
     config.sft = ml_collections.ConfigDict({f: getattr(SFTConfig(), f) for f in SFTConfig.__dataclass_fields__})
+    config.sft.update(think_fraction=0.75, verbose_fraction=0.75)
     return config

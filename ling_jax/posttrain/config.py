@@ -20,6 +20,7 @@ TASK_SOURCE = "task:arithmetic"
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
     think_fraction: float = 0.5  # share of task examples rendered think-on (the rest think-off)
+    verbose_fraction: float = 0.0  # share of think-on traces ending with filler (arithmetic.VERBOSE_STEP)
     train_problems: int = 20000  # task problems rendered for training (drawn with replacement)
     heldout_loss_problems: int = 256  # held-out task problems for the held-out loss
     task_max_digits: int = 2
@@ -30,8 +31,9 @@ class SFTConfig:
 
     def __post_init__(self):
         check_field_types(self, "sft.")
-        if not 0.0 <= self.think_fraction <= 1.0:
-            raise ConfigError("sft.think_fraction", f"must be in [0, 1], got {self.think_fraction!r}")
+        for name in ("think_fraction", "verbose_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"sft.{name}", f"must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("train_problems", "eval_max_new_tokens", "eval_batch_size", "task_max_digits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sft.{name}", f"must be positive, got {getattr(self, name)!r}")

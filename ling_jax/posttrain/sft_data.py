@@ -111,13 +111,18 @@ def pack_chats(
     return ChatRows(tokens, segments, positions, assistant, int(pad_id), len(rendered))
 
 
-def task_conversations(problems: Sequence[arithmetic.Problem], think_fraction: float, seed: int) -> list[list[dict]]:
+def task_conversations(
+    problems: Sequence[arithmetic.Problem], think_fraction: float, seed: int, verbose_fraction: float = 0.0
+) -> list[list[dict]]:
     """One SFT conversation per problem: think-on (with the program's trace) for a seeded
-    `think_fraction` of them, think-off (the answer alone) for the rest."""
-    think_N = np.random.default_rng([seed, 1]).random(len(problems)) < think_fraction
+    `think_fraction` of them, think-off (the answer alone) for the rest; a seeded `verbose_fraction`
+    of the think-on traces end with the filler sentence (arithmetic.sft_trace)."""
+    rng = np.random.default_rng([seed, 1])
+    think_N = rng.random(len(problems)) < think_fraction
+    verbose_N = rng.random(len(problems)) < verbose_fraction
     return [
-        chat.conversation(p.prompt, arithmetic.sft_trace(p, think=bool(t)), think=bool(t))
-        for p, t in zip(problems, think_N)
+        chat.conversation(p.prompt, arithmetic.sft_trace(p, think=bool(t), verbose=bool(t and r)), think=bool(t))
+        for p, t, r in zip(problems, think_N, verbose_N)
     ]
 
 
@@ -146,10 +151,16 @@ def build_sft_datasets(
     if source == TASK_SOURCE:
         task_cfg = sft.task_config()
         train_c = task_conversations(
-            arithmetic.make_split("train", sft.train_problems, seed, task_cfg), sft.think_fraction, seed
+            arithmetic.make_split("train", sft.train_problems, seed, task_cfg),
+            sft.think_fraction,
+            seed,
+            sft.verbose_fraction,
         )
         held_c = task_conversations(
-            arithmetic.make_split("heldout", sft.heldout_loss_problems, seed, task_cfg), sft.think_fraction, seed + 1
+            arithmetic.make_split("heldout", sft.heldout_loss_problems, seed, task_cfg),
+            sft.think_fraction,
+            seed + 1,
+            sft.verbose_fraction,
         )
         train_names = [f"task problem {i}" for i in range(len(train_c))]
         held_names = [f"held-out task problem {i}" for i in range(len(held_c))]

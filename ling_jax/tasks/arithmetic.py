@@ -8,6 +8,7 @@ Everything post-training needs to run offline, with no data set to download:
     p = train[0]                                          # Problem(a=347, b=85, op="+")
     p.prompt, p.answer                                    # "347+85", "432"
     task.sft_trace(p, think=True)                         # "<think>7+5+0=12,4+8+1=13,3+0+1=04</think>432"
+    task.sft_trace(p, think=True, verbose=True)           # "<think>7+5+0=12,4+8+1=13,3+0+1=04,all done</think>432"
     task.sft_trace(p, think=False)                        # "432"
     task.check("<think>...</think>432", p)                # True
 
@@ -24,7 +25,11 @@ Traces. Think-on: the column-wise computation from the least significant digit, 
 per column separated by commas (LPO's sentence units), inside <think>...</think>, then the answer.
 A column reads "x+y+c=cd" (addition: c the carry in, "cd" the two-digit column sum: carry out, then
 the answer digit) or "x-y-c=bd" (subtraction: c the borrow in, b the borrow out, d the digit), with
-the shorter operand zero-padded. Think-off: the answer alone. The traces are short on purpose:
+the shorter operand zero-padded. With `verbose=True` the trace ends with one more sentence,
+`VERBOSE_STEP` ("all done"): filler the answer does not need, the toy form of a reasoning model's
+padding, so a trace with it and one without are both right and differ only in length (the SFT data
+mixes them, `sft.verbose_fraction`, and the RL length reward has something to remove).
+Think-off: the answer alone. The traces are short on purpose:
 the tiny preset reads bytes, so every character is a token.
 
 Checking. `check(completion, problem)` is exact: the answer is what follows the last "</think>"
@@ -45,6 +50,7 @@ SPLITS = ("train", "heldout")
 SPLIT_BUCKETS = 20  # a problem's hash bucket decides its split ...
 HELDOUT_BUCKETS = 1  # ... buckets [0, HELDOUT_BUCKETS) are held out: 5% of the problem space
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+VERBOSE_STEP = "all done"  # the optional last sentence of a verbose think-on trace
 ROLE_END_TEXT = "<|role_end|>"  # may end a decoded completion (ling_jax/data/chat.py)
 
 
@@ -157,12 +163,15 @@ def think_steps(problem: Problem) -> list[str]:
     return steps
 
 
-def sft_trace(problem: Problem, think: bool) -> str:
-    """The assistant's reply the SFT data teaches: think-on "<think>steps</think>answer", think-off
-    the answer alone."""
+def sft_trace(problem: Problem, think: bool, verbose: bool = False) -> str:
+    """The assistant's reply the SFT data teaches: think-on "<think>steps</think>answer" (with
+    `verbose`, the steps end with VERBOSE_STEP), think-off the answer alone."""
     if not think:
+        if verbose:
+            raise ValueError("verbose=True needs think=True: a think-off reply has no trace to extend")
         return problem.answer
-    return f"{THINK_OPEN}{','.join(think_steps(problem))}{THINK_CLOSE}{problem.answer}"
+    steps = think_steps(problem) + ([VERBOSE_STEP] if verbose else [])
+    return f"{THINK_OPEN}{','.join(steps)}{THINK_CLOSE}{problem.answer}"
 
 
 _ANSWER = re.compile(r"(?:answer\s*[:=]?|=)?\s*([+-]?\d+)\s*\.?", re.IGNORECASE)
