@@ -452,7 +452,7 @@ def posttraining_and_decoding() -> list:
         "the main model verifies. Everything runs offline on the embedded arithmetic task "
         "(`ling_jax/tasks/arithmetic.py`): problems, answers, checker and think-on traces are made by the "
         "program.\n\n"
-        f"**Length**: about 10 minutes on a 2-core CPU. Set the environment variable `{FAST_ENV}=1` before "
+        f"**Length**: about 13 minutes on a 2-core CPU. Set the environment variable `{FAST_ENV}=1` before "
         "starting the kernel for a short run (a few steps per stage; CI runs it that way).",
     ) + [
         new_code_cell(install_cell()),
@@ -461,7 +461,9 @@ def posttraining_and_decoding() -> list:
             "a problem belongs to is a function of the problem (a hash), so training never sees a held-out "
             "problem. A think-on trace works column by column from the last digit, one *sentence* per "
             "column: LPO clips its importance ratio per sentence, and `sentence_unit_ids` finds them from "
-            "the decoded text of each token (a unit ends at a token holding pause punctuation)."
+            "the decoded text of each token (a unit ends at a token holding pause punctuation). Most think-on "
+            "traces in the SFT data end with a filler sentence, *all done*, that the answer does not need: "
+            "the SFT model learns to pad its reasoning, and RL's length reward has something to remove."
         ),
         new_code_cell(
             """import os, tempfile
@@ -480,6 +482,8 @@ problem = arithmetic.make_split("train", 1, seed=3, config=task)[0]
 think_on, think_off = arithmetic.sft_trace(problem, think=True), arithmetic.sft_trace(problem, think=False)
 print("problem:", problem.prompt, "=", problem.answer)
 print("think-on reply: ", think_on, "| checker:", arithmetic.check(think_on, problem))
+padded = arithmetic.sft_trace(problem, think=True, verbose=True)
+print("padded think-on:", padded, "| checker:", arithmetic.check(padded, problem))
 print("think-off reply:", think_off, "| a wrong reply:", arithmetic.check("12", problem))
 tokenizer = load_tokenizer("byte")
 rendered = chat.render(chat.conversation(problem.prompt, think_on, think=True), tokenizer)
@@ -493,7 +497,8 @@ print("\\nLPO sentence units:", sentences)""".replace("FAST_ENV", FAST_ENV)
         ),
         new_markdown_cell(
             "## SFT: both modes from one run\n\n`ling-jax sft --workdir W` runs the `tiny_sft` preset: the tiny "
-            "model trained from scratch on rendered conversations (half think-on, half think-off) packed into "
+            "model trained from scratch on rendered conversations (three quarters think-on, three quarters of "
+            "those padded with the filler sentence, a quarter think-off) packed into "
             "rows with segment ids, the loss on assistant tokens only, with the same train step, checkpoints, "
             "metrics and resume as pre-training. `run_sft` is the same from Python; at the end it measures "
             "greedy held-out accuracy in both modes."
@@ -536,7 +541,9 @@ if FAST:
     rl_config.rl.update(iterations=3, prompts_per_iteration=4, group_size=4, heldout_problems=20, eval_batch_size=20)
 exp, rl = rl_from_config(rl_config)
 result = run_rl(exp, rl, root / "rl", progress=False)
-print(f"held-out accuracy: {result.heldout_first:.3f} (SFT) -> {result.heldout_last:.3f} (after RL)")"""
+held = [r for r in result.records if "heldout_accuracy" in r]
+print(f"held-out accuracy: {result.heldout_first:.3f} (SFT) -> {result.heldout_last:.3f} (after RL)")
+print(f"mean held-out reply: {held[0]['heldout_response_length']:.2f} -> {held[-1]['heldout_response_length']:.2f} tokens")"""
         ),
         new_code_cell(
             """recs = result.records
