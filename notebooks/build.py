@@ -543,7 +543,8 @@ exp, rl = rl_from_config(rl_config)
 result = run_rl(exp, rl, root / "rl", progress=False)
 held = [r for r in result.records if "heldout_accuracy" in r]
 print(f"held-out accuracy: {result.heldout_first:.3f} (SFT) -> {result.heldout_last:.3f} (after RL)")
-print(f"mean held-out reply: {held[0]['heldout_response_length']:.2f} -> {held[-1]['heldout_response_length']:.2f} tokens")"""
+length_first, length_last = held[0]["heldout_response_length"], held[-1]["heldout_response_length"]
+print(f"mean held-out reply: {length_first:.2f} -> {length_last:.2f} tokens")"""
         ),
         new_code_cell(
             """recs = result.records
