@@ -197,7 +197,7 @@ def test_sft_stage_runs_and_reports_accuracy(tmp_path):
     config = _small_sft_config(5)
     config.sft.think_fraction = 1.0
     before = (workdir / "metrics.jsonl").read_text()
-    with pytest.raises(RunDirError, match=r"sft.think_fraction: 0.5 -> 1.0"):
+    with pytest.raises(RunDirError, match=r"sft.think_fraction: 0.75 -> 1.0"):
         sft_stage.run_sft(config, workdir, progress=False)
     assert (workdir / "metrics.jsonl").read_text() == before
 

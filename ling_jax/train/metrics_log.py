@@ -44,12 +44,14 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of metrics.jsonl; for a step logged twice (re-run after a resume) the last one wins."""
+    """Records of metrics.jsonl, one per step in step order. The records of one step are merged, the
+    later values winning: a step logged again (re-run after a resume) takes the new figures, and a
+    record of other figures at that step (SFT's accuracy at its last step) keeps the training ones."""
     by_step = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -58,6 +60,7 @@ def plot_loss_curve(path: Path, records: list[dict], out_png: Path, reference: f
     # (a notebook's inline one) and its open figures are left alone.
     from matplotlib.figure import Figure
 
+    records = [r for r in records if "loss" in r]  # train steps only (not e.g. accuracy records)
     steps = np.array([r["step"] for r in records])
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
