@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from multidevice.common import run_cli, small_config, subprocess_env
+from multidevice.common import run_cli, small_config
 
 from ling_jax.config import ConfigError
 from ling_jax.data import chat, load_tokenizer
@@ -183,9 +183,8 @@ def test_main_job_sft_then_rl(tmp_path):
     sft, rl = tmp_path / "sft", tmp_path / "rl"
     # XLA's default optimisation, as a user runs the commands: the suite's fast-compile flags halve the
     # speed and change the numerics (the SFT preset ended at 31.4% think-on with them, 44.2% without).
-    user_flags = {"XLA_FLAGS": subprocess_env(fast_compile=False)["XLA_FLAGS"]}
-    run_cli("sft", "--workdir", str(sft), "--noprogress", timeout=1800, env=user_flags)
-    out = run_cli("rl", "--init", str(sft), "--workdir", str(rl), "--noprogress", timeout=1800, env=user_flags)
+    run_cli("sft", "--workdir", str(sft), "--noprogress", timeout=1800, fast_compile=False)
+    out = run_cli("rl", "--init", str(sft), "--workdir", str(rl), "--noprogress", timeout=1800, fast_compile=False)
     records = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0], records[-1]
     assert "held-out accuracy" in out.stdout

@@ -112,11 +112,18 @@ def cli(*args: str) -> list[str]:
     return [PYTHON, "-m", "ling_jax.cli", *args]
 
 
-def start_cli(*args: str, num_devices: int = 1, env: dict | None = None, program: list[str] | None = None):
-    """Starts `ling-jax ARGS` (or `program ARGS`) in the background; see `finish_cli`."""
+def start_cli(
+    *args: str,
+    num_devices: int = 1,
+    env: dict | None = None,
+    program: list[str] | None = None,
+    fast_compile: bool = True,
+):
+    """Starts `ling-jax ARGS` (or `program ARGS`) in the background; see `finish_cli`. `fast_compile`:
+    the suite's fast-compile XLA flags (False: XLA's default optimisation, as a user runs it)."""
     return subprocess.Popen(
         (program or cli())[:] + list(args),
-        env={**subprocess_env(num_devices), **(env or {})},
+        env={**subprocess_env(num_devices, fast_compile), **(env or {})},
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -135,9 +142,17 @@ def finish_cli(proc: subprocess.Popen, timeout: float = 900, check: bool = True)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_cli(*args: str, num_devices: int = 1, timeout: float = 900, check: bool = True, env: dict | None = None):
+def run_cli(
+    *args: str,
+    num_devices: int = 1,
+    timeout: float = 900,
+    check: bool = True,
+    env: dict | None = None,
+    fast_compile: bool = True,
+):
     """Runs `ling-jax ARGS` to completion; returns the CompletedProcess (stdout and stderr as text)."""
-    return finish_cli(start_cli(*args, num_devices=num_devices, env=env), timeout=timeout, check=check)
+    proc = start_cli(*args, num_devices=num_devices, env=env, fast_compile=fast_compile)
+    return finish_cli(proc, timeout=timeout, check=check)
 
 
 def train_args(workdir, *extra: str, model=None, train=None, data=None, checkpoint=None, mesh=None) -> list[str]:
