@@ -42,6 +42,13 @@ if moe_experts_available():  # the compiled CPU kernel as each shard's local dis
         "data2_expert4_capacity_cpu_kernel": ({"data": 2, "expert": 4}, "cpu_kernel", "uniform", 0.5),
     }
 TOKEN_AXES = ("data", "fsdp", "expert")
+# Tokens as [B, T, D] (the MoE layer's layout) with T split over context too: name -> mesh axis sizes.
+SEQUENCE_B, SEQUENCE_T = 4, 16
+SEQUENCE_CASES = {
+    "seq_data2_context4": {"data": 2, "context": 4},
+    "seq_data2_context2_expert2": {"data": 2, "context": 2, "expert": 2},
+    "seq_context2_model2_expert2": {"context": 2, "model": 2, "expert": 2},
+}
 
 
 def expected_keep_mask(ids_Nk, token_shards: int, num_shards: int, capacity: int, receive_capacity: int):
@@ -148,6 +155,51 @@ def worker() -> dict:
             "receive_capacity": received,
             "received_slots": P * capacity * min(K, E // P),
         }
+    results |= sequence_worker(x_ND, weights_Nk, routings["uniform"], experts, ct_ND)
+    return results
+
+
+def sequence_worker(x_ND, weights_Nk, ids_Nk, experts, ct_ND) -> dict:
+    """`per_shard_dispatch` on [B, T, D] tokens split over (batch axes, context) against dense dispatch
+    on one device, and the token count each device's local dispatch was traced with."""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    import ling_jax.ops.expert_parallel as ep_module
+    from ling_jax.ops.dispatch import dispatch
+
+    shape = (SEQUENCE_B, SEQUENCE_T)
+    rows_seen = []
+
+    def recording_dispatch(x, *args, **kwargs):
+        rows_seen.append(x.shape[0])
+        return dispatch(x, *args, **kwargs)
+
+    results = {}
+    for name, sizes in SEQUENCE_CASES.items():
+        devices = np.asarray(jax.devices()[:8]).reshape(tuple(sizes.values()))
+        mesh = Mesh(devices, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
+
+        def ep(x, w, ex):
+            out = ep_module.per_shard_dispatch(
+                x.reshape(*shape, D), ids_Nk.reshape(*shape, K), w.reshape(*shape, K), ex, mesh=mesh, impl="blocked"
+            )
+            return out.y_ND.reshape(N, D)
+
+        rows_seen.clear()
+        ep_module.dispatch = recording_dispatch
+        try:
+            y, vjp = jax.jit(lambda x, w, ex: jax.vjp(ep, x, w, ex))(x_ND, weights_Nk, experts)
+            grads = jax.jit(lambda x, w, ex: jax.vjp(ep, x, w, ex)[1](ct_ND))(x_ND, weights_Nk, experts)
+        finally:
+            ep_module.dispatch = dispatch
+        y_ref, vjp_ref = jax.vjp(lambda x, w, ex: dispatch(x, ids_Nk, w, ex, impl="dense"), x_ND, weights_Nk, experts)
+        grads_ref = vjp_ref(ct_ND)
+        errors = {"y": float(abs(y - y_ref).max())}
+        for label, g, g_ref in zip(("dx", "dweights", "dexperts"), grads, grads_ref):
+            errors[label] = max(float(abs(a - b).max()) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)))
+        results[name] = {"errors": errors, "scale": float(abs(y_ref).max()), "local_rows": sorted(set(rows_seen))}
     return results
 
 
@@ -170,6 +222,18 @@ def test_expert_parallel_equals_dense(results, name):
     assert case["scale"] > 0.1  # the comparison is not between two near-zero outputs
     bad = {k: v for k, v in case["errors"].items() if not v <= TOL}
     assert not bad, f"{name}: max abs errors above {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCE_CASES))
+def test_sequence_split_over_context_equals_dense(results, name):
+    """[B, T] tokens with T over context: every device dispatches only its own block (without expert
+    parallelism, B * T / (batch shards * context) rows), and values and grads equal one device's."""
+    res = results[name]
+    for key, err in res["errors"].items():
+        assert err <= TOL * max(1.0, res["scale"]), (name, key, err)
+    sizes = SEQUENCE_CASES[name]
+    if sizes.get("expert", 1) == 1:
+        assert res["local_rows"] == [SEQUENCE_B * SEQUENCE_T // (sizes["data"] * sizes["context"])]
 
 
 def test_dropless_drops_nothing(results):
@@ -220,7 +284,12 @@ def test_uneven_splits_are_refused_with_the_sizes():
 
 # A rules table with batch over (data, fsdp) only, experts over fsdp, the expert width unsplit: what a
 # change to ling_jax/sharding/rules.py looks like to the routed-expert shard_map.
-RULES_VARIANT = (("activation_batch", ("data", "fsdp")), ("exp", "fsdp"), ("mlp_moe", None))
+RULES_VARIANT = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("exp", "fsdp"),
+    ("mlp_moe", None),
+)
 
 
 def test_shard_map_specs_follow_the_rules_table():
@@ -232,9 +301,9 @@ def test_shard_map_specs_follow_the_rules_table():
 
     mesh = AbstractMesh((2, 2, 2, 1, 2), MESH_AXES)  # context 1
     default = dispatch_axes(mesh)
-    assert default == DispatchAxes(("data", "fsdp", "expert"), "expert", "model")
-    assert shard_specs(*default) == (
-        PartitionSpec(("data", "fsdp", "expert"), None),
+    assert default == DispatchAxes(("data", "fsdp", "expert"), "expert", "model", ("context",))
+    assert shard_specs(*default) == (  # tokens [B, T, ...]: T over context
+        PartitionSpec(("data", "fsdp", "expert"), ("context",)),
         PartitionSpec("expert", None, "model"),
         PartitionSpec("expert", "model", None),
     )
@@ -242,7 +311,7 @@ def test_shard_map_specs_follow_the_rules_table():
     with nn.logical_axis_rules(RULES_VARIANT):  # the rules in force, as the train step traces under them
         variant = dispatch_axes(mesh)
         assert token_shards(mesh) == 4
-    assert variant == DispatchAxes(("data", "fsdp"), "fsdp", None) == dispatch_axes(mesh, RULES_VARIANT)
+    assert variant == DispatchAxes(("data", "fsdp"), "fsdp", None, ()) == dispatch_axes(mesh, RULES_VARIANT)
     assert shard_specs(*variant) == (
         PartitionSpec(("data", "fsdp"), None),
         PartitionSpec("fsdp", None, None),

@@ -1,8 +1,9 @@
 """Per-shard routed-expert dispatch: what the MoE layer (ling_jax/layers/moe.py) runs under a mesh.
 
 `per_shard_dispatch` wraps the dispatch in `jax.shard_map` so that every device sorts and dispatches
-only its own tokens (split over the batch axes data / fsdp / expert). The shard_map specs come from
-the logical axis names through the sharding rules table (`dispatch_axes`: tokens "activation_batch",
+only its own tokens (split over the batch axes data / fsdp / expert, and for tokens passed as
+[B, T, ...] the sequence over context). The shard_map specs come from the logical axis names through
+the sharding rules table (`dispatch_axes`: tokens "activation_batch" and "activation_length",
 experts "exp", expert width "mlp_moe"), so editing ling_jax/sharding/rules.py reaches them. Two cases:
 
 - mesh axis "expert" > 1: expert parallelism, below (`expert_parallel_dispatch_with_stats`).
@@ -83,6 +84,7 @@ class DispatchAxes(NamedTuple):
     tokens: tuple[str, ...]  # "activation_batch": the tokens' dimension 0
     expert: str | None  # "exp": the experts (expert parallelism when its size is > 1)
     model: str | None  # "mlp_moe": the experts' hidden width F
+    length: tuple[str, ...] = ()  # "activation_length": dimension 1 of tokens passed as [B, T, ...]
 
 
 def dispatch_axes(mesh: Mesh | AbstractMesh, rules=None) -> DispatchAxes:
@@ -93,13 +95,17 @@ def dispatch_axes(mesh: Mesh | AbstractMesh, rules=None) -> DispatchAxes:
         mesh_axes("activation_batch", names, rules),
         single_mesh_axis("exp", names, rules),
         single_mesh_axis("mlp_moe", names, rules),
+        mesh_axes("activation_length", names, rules),
     )
 
 
-def shard_specs(token_axes: Sequence[str], expert_axis: str | None, model_axis: str | None):
-    """shard_map specs: tokens [N, ...] split over `token_axes`; gate / up [E, D, F] and down [E, F, D]
-    with E over `expert_axis` and F over `model_axis` (None: whole)."""
-    token_spec = PartitionSpec(tuple(token_axes), None)
+def shard_specs(
+    token_axes: Sequence[str], expert_axis: str | None, model_axis: str | None, length_axes: Sequence[str] = ()
+):
+    """shard_map specs: tokens [N, ...] split over `token_axes` (or [B, T, ...], T also split over
+    `length_axes`); gate / up [E, D, F] and down [E, F, D] with E over `expert_axis` and F over
+    `model_axis` (None: whole)."""
+    token_spec = PartitionSpec(tuple(token_axes), tuple(length_axes) or None)
     return token_spec, PartitionSpec(expert_axis, None, model_axis), PartitionSpec(expert_axis, model_axis, None)
 
 
@@ -207,6 +213,7 @@ def expert_parallel_dispatch_with_stats(
     capacity_factor: float | None = None,
     model_axis: str | None = None,
     fp8_impl: str | None = None,
+    length_axes: Sequence[str] | None = None,
 ) -> ExpertParallelOutput:
     """Routed-expert output y [N, D] with experts sharded over `expert_axis` of `mesh`, plus the count
     of dropped assignments (see module docstring). Call under `jax.jit`; inputs are global arrays.
@@ -215,36 +222,39 @@ def expert_parallel_dispatch_with_stats(
     include `expert_axis`; either left None comes from the rules table, `dispatch_axes`), the three
     expert weight arrays over `expert_axis` (dimension 0); mesh axes in neither are replicated
     (expert weights sharded elsewhere, e.g. over fsdp, are gathered by shard_map at entry). ids must
-    lie in [0, E).
+    lie in [0, E). Tokens may also come as [B, T, ...] (y [B, T, D]): B split over `token_axes`, T over
+    `length_axes` (None: the rules' "activation_length", e.g. context), each device dispatching the
+    tokens of its [B, T] block.
 
     `model_axis` (a mesh axis, or None): the experts' hidden width F stays split over it (gate / up
     [El, D, F / m], down [El, F / m, D]); tokens are replicated over it, every device computes its
     F-slice of each expert and the partial outputs are summed with one `psum` over `model_axis`
     (tensor parallelism inside the experts, exact up to summation order). `fp8_impl`: see `dispatch`.
     """
-    if expert_axis is None or token_axes is None:
-        axes = dispatch_axes(mesh)
-        expert_axis = axes.expert if expert_axis is None else expert_axis
-        token_axes = axes.tokens if token_axes is None else token_axes
+    axes = dispatch_axes(mesh)
+    expert_axis = axes.expert if expert_axis is None else expert_axis
+    token_axes = axes.tokens if token_axes is None else token_axes
+    length_axes = axes.length if length_axes is None else length_axes
     if expert_axis not in mesh.axis_names:
         raise ValueError(f"expert_axis {expert_axis!r} is not an axis of the mesh {mesh.axis_names}")
-    tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
-    if model_axis is not None and (model_axis not in mesh.axis_names or model_axis in tok_axes):
-        raise ValueError(f"model_axis {model_axis!r} must be a mesh axis {mesh.axis_names} outside {tok_axes}")
-    if expert_axis not in tok_axes:
-        raise ValueError(f"tokens must be split over the expert axis {expert_axis!r} too (token_axes {token_axes})")
-    N, k = ids_Nk.shape
+    k = ids_Nk.shape[-1]
     E = experts.gate_EDF.shape[0]
     P = mesh.shape[expert_axis]
-    shards = token_shards(mesh, tok_axes)
     if E % P:
         raise ValueError(f"{E} experts do not split evenly over expert axis {expert_axis!r} of size {P}")
-    _check_token_split(N, shards, tok_axes)
-    n, El = N // shards, E // P
+    El = E // P
+    tok_axes, len_axes, n = _split_axes(mesh, x_ND, token_axes, length_axes)
+    if model_axis is not None and (model_axis not in mesh.axis_names or model_axis in tok_axes + len_axes):
+        raise ValueError(
+            f"model_axis {model_axis!r} must be a mesh axis {mesh.axis_names} outside {tok_axes + len_axes}"
+        )
+    if expert_axis not in tok_axes:
+        raise ValueError(f"tokens must be split over the expert axis {expert_axis!r} too (token_axes {token_axes})")
     C = send_capacity(n, k, P, capacity_factor)
     A = receive_capacity(n, k, P, capacity_factor, C, min(k, El))
 
-    def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
+    def per_device(x, ids, weights, gate_EDF, up_EDF, down_EFD):
+        x_nD, ids_nk, weights_nk = _flat_tokens(x, ids, weights)
         x_PCD, ids_PCk, w_PCk, row_token_PC, dropped = _pack(
             x_nD, ids_nk, weights_nk, num_shards=P, experts_per_shard=El, capacity=C
         )
@@ -265,9 +275,9 @@ def expert_parallel_dispatch_with_stats(
         y_nD = jnp.zeros_like(x_nD).at[row_token_PC].add(y_PCD.astype(x_nD.dtype), mode="drop")
         if model_axis is not None:  # each device holds its F-slice's share of every output
             y_nD = lax.psum(y_nD, model_axis)
-        return y_nD, lax.psum(dropped, tok_axes)
+        return y_nD.reshape(x.shape), lax.psum(dropped, tok_axes + len_axes)
 
-    token_spec, in_EDF, out_EFD = shard_specs(tok_axes, expert_axis, model_axis)
+    token_spec, in_EDF, out_EFD = shard_specs(tok_axes, expert_axis, model_axis, len_axes)
     y_ND, dropped = jax.shard_map(
         per_device,
         mesh=mesh,
@@ -291,6 +301,26 @@ def _check_token_split(num_tokens: int, shards: int, tok_axes: tuple[str, ...]) 
         raise ValueError(f"{num_tokens} tokens do not split evenly over token axes {tok_axes} ({shards} shards)")
 
 
+def _split_axes(mesh, x, token_axes, length_axes) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """(token axes, length axes, tokens per device) for token arrays [N, ...] or [B, T, ...] (T split
+    over `length_axes` too); ValueError when a dimension does not split evenly."""
+    names = mesh.axis_names
+    tok_axes = tuple(a for a in token_axes if a in names)
+    len_axes = tuple(a for a in length_axes if a in names) if x.ndim == 3 else ()
+    _check_token_split(x.shape[0], token_shards(mesh, tok_axes), tok_axes)
+    length_shards = math.prod(mesh.shape[a] for a in len_axes)
+    if len_axes and x.shape[1] % length_shards:
+        raise ValueError(
+            f"sequence length {x.shape[1]} does not split evenly over length axes {len_axes} ({length_shards} shards)"
+        )
+    return tok_axes, len_axes, math.prod(x.shape[:-1]) // (token_shards(mesh, tok_axes) * length_shards)
+
+
+def _flat_tokens(x, ids, weights):
+    """Token arrays [..., D], [..., k], [..., k] as [n, D], [n, k], [n, k]."""
+    return x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1]), weights.reshape(-1, weights.shape[-1])
+
+
 def per_shard_dispatch(
     x_ND: jax.Array,
     ids_Nk: jax.Array,
@@ -305,13 +335,16 @@ def per_shard_dispatch(
     block_size: int | None = None,
     capacity_factor: float | None = None,
     fp8_impl: str | None = None,
+    length_axes: Sequence[str] | None = None,
 ) -> ExpertParallelOutput:
     """y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]) [N, D] and the dropped-assignment count,
     each device dispatching only its own tokens (`jax.shard_map`; call under `jax.jit`, inputs are
     global arrays).
 
-    `token_axes`, `expert_axis`, `model_axis` left None come from the rules table (`dispatch_axes`).
-    Tokens are split over the `token_axes` present in `mesh`. With `expert_axis` of size > 1 the
+    `token_axes`, `expert_axis`, `model_axis`, `length_axes` left None come from the rules table
+    (`dispatch_axes`). Tokens are split over the `token_axes` present in `mesh`; tokens passed as
+    [B, T, ...] (y [B, T, D]) have T split over `length_axes` too, so a sequence split over the
+    context axis is dispatched where it lies. With `expert_axis` of size > 1 the
     experts are split over it and exchanged with all-to-all (`expert_parallel_dispatch_with_stats`,
     local dispatch `impl`); otherwise every device holds all E experts (shard_map gathers weights
     sharded over token axes such as fsdp at entry) and runs `dispatch(..., impl=impl)` on its tokens.
@@ -324,8 +357,11 @@ def per_shard_dispatch(
     token_axes = axes.tokens if token_axes is None else token_axes
     expert_axis = axes.expert if expert_axis is None else expert_axis
     model_axis = axes.model if model_axis is None else model_axis
-    tok_axes = tuple(a for a in token_axes if a in mesh.axis_names)
-    use_model = model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes
+    length_axes = axes.length if length_axes is None else length_axes
+    tok_axes, len_axes, _ = _split_axes(mesh, x_ND, token_axes, length_axes)
+    use_model = (
+        model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes + len_axes
+    )
     model = model_axis if use_model else None
     if expert_axis is not None and expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
         return expert_parallel_dispatch_with_stats(
@@ -341,10 +377,11 @@ def per_shard_dispatch(
             capacity_factor=capacity_factor,
             model_axis=model,
             fp8_impl=fp8_impl,
+            length_axes=len_axes,
         )
-    _check_token_split(ids_Nk.shape[0], token_shards(mesh, tok_axes), tok_axes)
 
-    def per_device(x_nD, ids_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
+    def per_device(x, ids, weights, gate_EDF, up_EDF, down_EFD):
+        x_nD, ids_nk, weights_nk = _flat_tokens(x, ids, weights)
         y_nD = dispatch(
             x_nD,
             ids_nk,
@@ -354,9 +391,10 @@ def per_shard_dispatch(
             block_size=block_size,
             fp8_impl=fp8_impl,
         )
-        return lax.psum(y_nD, model) if model is not None else y_nD
+        y_nD = lax.psum(y_nD, model) if model is not None else y_nD
+        return y_nD.reshape(x.shape)
 
-    token_spec, in_EDF, out_EFD = shard_specs(tok_axes, None, model)
+    token_spec, in_EDF, out_EFD = shard_specs(tok_axes, None, model, len_axes)
     y_ND = jax.shard_map(
         per_device,
         mesh=mesh,

@@ -84,13 +84,26 @@ def pallas_interpret() -> bool | None:
     return {"cpu": True, "tpu": False}.get(kernel_platform())
 
 
-def per_row_shard(fn: Callable, rows: tuple, replicated: tuple = ()):
+def length_axes(mesh, length: int) -> tuple[str, ...]:
+    """The mesh axes `per_row_shard(..., sequence=True)` splits a sequence of `length` over: those the
+    rules table gives "activation_length" (context) that have size > 1, or none when it does not
+    split evenly over them."""
+    axes = tuple(a for a in mesh_axes("activation_length", mesh.axis_names) if mesh.shape[a] > 1)
+    return () if length % math.prod(mesh.shape[a] for a in axes) else axes
+
+
+def per_row_shard(fn: Callable, rows: tuple, replicated: tuple = (), *, sequence: bool = False):
     """fn(*rows, *replicated), each device computing the rows of its batch shard (see the module
-    docstring). Every array in `rows` and every output has the rows on its leading axis."""
+    docstring). Every array in `rows` and every output has the rows on its leading axis; with
+    `sequence` they are [B, T, ...] and T is split over the rules' "activation_length" axes as well
+    (`fn` must then be per token)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         return fn(*rows, *replicated)
-    row_spec = P(row_axes(mesh, rows[0].shape[0]) or None)
+    lead = (row_axes(mesh, rows[0].shape[0]) or None,)
+    if sequence:
+        lead += (length_axes(mesh, rows[0].shape[1]) or None,)
+    row_spec = P(*lead)
     out_shape = jax.eval_shape(fn, *rows, *replicated)
     return jax.shard_map(
         fn,

@@ -15,7 +15,7 @@ from pallas_kernels.topk_router import RouterKernelConfig, sigmoid_topk_route
 
 
 def route(
-    logits_NE: jax.Array,
+    logits_E: jax.Array,
     expert_bias_E: jax.Array,
     *,
     top_k: int,
@@ -24,11 +24,13 @@ def route(
     routed_scaling_factor: float,
     impl: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
-    """(expert_ids [N, k] int32, weights [N, k] float32) for router logits [N, E] through the router op
-    (pallas_kernels/topk_router), whose VJP reaches the logits through the weights.
+    """(expert_ids [..., k] int32, weights [..., k] float32) for router logits [..., E] ([N, E], or
+    [B, T, E] as the MoE layer passes them so that a sequence split over the context axis stays
+    split) through the router op (pallas_kernels/topk_router), whose VJP reaches the logits through
+    the weights.
 
     `impl` (a model's `router_impl`): "xla" the lax.top_k reference, "pallas" the max-and-mask kernel,
-    compiled for a TPU target and interpreted on a CPU one, per batch shard under a multi-device mesh
+    compiled for a TPU target and interpreted on a CPU one, per batch (and sequence) shard under a mesh
     (ling_jax/ops/pallas_target.py). Both select the same experts (ties to the lowest
     index) and give the same weights and gradients.
     """
@@ -46,14 +48,23 @@ def route(
             config=config,
         )
 
-    if impl == "pallas":  # a Mosaic kernel runs per batch shard (GSPMD cannot partition it)
-        return per_row_shard(op, (logits_NE,), (expert_bias_E,))
-    return op(logits_NE, expert_bias_E)
+    def flat_op(logits_E, expert_bias_E):  # the op takes [N, E]: flatten the token dimensions
+        ids_Nk, weights_Nk = op(logits_E.reshape(-1, logits_E.shape[-1]), expert_bias_E)
+        lead = logits_E.shape[:-1]
+        return ids_Nk.reshape(*lead, top_k), weights_Nk.reshape(*lead, top_k)
+
+    if impl == "pallas":  # a Mosaic kernel runs per batch (and sequence) shard; GSPMD cannot partition it
+        return per_row_shard(flat_op, (logits_E,), (expert_bias_E,), sequence=logits_E.ndim == 3)
+    if logits_E.ndim == 3:  # per row, so GSPMD keeps [B, T] split as it is (a merged B * T could not be)
+        return jax.vmap(op, in_axes=(0, None))(logits_E, expert_bias_E)
+    return flat_op(logits_E, expert_bias_E)
 
 
-def expert_counts(ids_Nk: jax.Array, num_experts: int, token_mask_N: jax.Array | None = None) -> jax.Array:
-    """Tokens routed to each expert [E] (float32), counting only tokens where token_mask is set."""
-    one_hot_NkE = jax.nn.one_hot(ids_Nk, num_experts, dtype=jnp.float32)
-    if token_mask_N is not None:
-        one_hot_NkE = one_hot_NkE * token_mask_N.astype(jnp.float32)[:, None, None]
-    return one_hot_NkE.sum(axis=(0, 1))
+def expert_counts(ids_k: jax.Array, num_experts: int, token_mask: jax.Array | None = None) -> jax.Array:
+    """Tokens routed to each expert [E] (float32) from expert ids [..., k], counting only tokens where
+    token_mask [...] is set."""
+    one_hot_kE = jax.nn.one_hot(ids_k, num_experts, dtype=jnp.float32)
+    if token_mask is not None:
+        one_hot_kE = one_hot_kE * token_mask.astype(jnp.float32)[..., None, None]
+    return one_hot_kE.sum(axis=tuple(range(one_hot_kE.ndim - 1)))
+
