@@ -359,9 +359,7 @@ def per_shard_dispatch(
     model_axis = axes.model if model_axis is None else model_axis
     length_axes = axes.length if length_axes is None else length_axes
     tok_axes, len_axes, _ = _split_axes(mesh, x_ND, token_axes, length_axes)
-    use_model = (
-        model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes + len_axes
-    )
+    use_model = model_axis in mesh.axis_names and mesh.shape[model_axis] > 1 and model_axis not in tok_axes + len_axes
     model = model_axis if use_model else None
     if expert_axis is not None and expert_axis in tok_axes and mesh.shape[expert_axis] > 1:
         return expert_parallel_dispatch_with_stats(

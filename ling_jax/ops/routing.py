@@ -67,4 +67,3 @@ def expert_counts(ids_k: jax.Array, num_experts: int, token_mask: jax.Array | No
     if token_mask is not None:
         one_hot_kE = one_hot_kE * token_mask.astype(jnp.float32)[..., None, None]
     return one_hot_kE.sum(axis=tuple(range(one_hot_kE.ndim - 1)))
-
