@@ -24,7 +24,10 @@ from ling_jax.plan.activations import activation_breakdown, activation_bytes
 from ling_jax.plan.analytic import plan_state, state_layout
 from ling_jax.plan.program_flops import program_flops, traced_jaxpr
 from ling_jax.plan.search import (
+    calibrated_microbatches,
     communication_bytes,
+    fixed_bytes,
+    per_microbatch_bytes,
     evaluate_mesh,
     factorizations,
     mesh_rejection,
@@ -352,6 +355,25 @@ def test_search_takes_the_fewest_microbatches_that_fit():
     assert not {tuple(c.mesh.values()): c for c in plain.ranked}[tuple(data8.values())].fits
 
 
+def test_a_compiled_miss_is_retried_with_calibrated_microbatches():
+    """A compile that needs more than planned: the per-microbatch part is scaled by the excess, and the
+    fewest more microbatches predicted to fit under that scale are taken (None when none would)."""
+    exp = _small(64)
+    layout = state_layout(exp)
+    data8 = _mesh(data=8)
+    one = evaluate_mesh(exp, layout, data8, 2**40, microbatches=1)
+    plans = {k: evaluate_mesh(exp, layout, data8, 2**40, microbatches=k) for k in (2, 4, 8)}
+    assert fixed_bytes(one) + per_microbatch_bytes(one) == one.memory_bytes
+    compiled = fixed_bytes(one) + 3 * per_microbatch_bytes(one)  # the compiler needed 3x the activations
+    hbm = fixed_bytes(plans[4]) + 3 * per_microbatch_bytes(plans[4])  # 4 microbatches fit at that scale
+    cand = dataclasses.replace(one, hbm_bytes=hbm)
+    retry = calibrated_microbatches(exp, cand, compiled)
+    assert retry is not None and retry.microbatches == 4 and retry.mesh == data8
+    assert fixed_bytes(plans[2]) + 3 * per_microbatch_bytes(plans[2]) > hbm  # 2 would not
+    # the fixed part alone over the HBM: no microbatch count helps
+    assert calibrated_microbatches(exp, dataclasses.replace(one, hbm_bytes=fixed_bytes(plans[8]) - 1), compiled) is None
+
+
 def test_search_says_why_meshes_are_refused():
     """Batch 24 = 2^3 x 3 on 16 devices: meshes with 16 batch shards cannot split it (in any number
     of microbatches); every refused mesh has its reason."""
@@ -495,6 +517,7 @@ def test_ling_1t_compiles_for_v5p_16x16x16_and_fits():
         "--config.mesh.data=1",
         "--config.mesh.fsdp=512",
         "--config.mesh.expert=1",
+        "--config.mesh.context=1",
         "--config.mesh.model=8",
         "--config.train.batch_size=512",
         "--config.train.microbatches=1",  # one pass at batch 512, without the 4K stage's batch ramp

@@ -7,8 +7,9 @@ step fit, and what will it cost?
 2. Compiled (libtpu, no TPU): the real train step lowered and compiled for the topology;
    memory_analysis per device against the chip's HBM, FLOPs against the analytic count.
 3. --search: meshes x microbatch counts (gradient accumulation, `train.microbatches`) ranked
-   analytically, each mesh with the fewest microbatches that fit; the best --search_compile are
-   compiled with their microbatch count. When nothing fits, every candidate is listed with why
+   analytically, each mesh with the fewest microbatches that fit; then compiled in rank order until
+   one fits (at most --search_compile compiles; a mesh over the HBM is retried once with the
+   microbatch count predicted from its compiled size). When nothing fits, every candidate is listed with why
    (a mesh axis that does not divide, or the memory it is over by).
 
 Exit status 1 when the step does not fit (the compiled verdict when there is one, else the
@@ -32,7 +33,9 @@ _COMPILE = flags.DEFINE_bool("compile", True, "compile the train step ahead of t
 _SEARCH = flags.DEFINE_bool(
     "search", False, "rank every mesh of the topology's devices, each with the fewest microbatches that fit"
 )
-_SEARCH_COMPILE = flags.DEFINE_integer("search_compile", 2, "with --search: compile this many of the best meshes")
+_SEARCH_COMPILE = flags.DEFINE_integer(
+    "search_compile", 3, "with --search: compile the best meshes in rank order until one fits, at most this many times"
+)
 _SEARCH_SHOW = flags.DEFINE_integer("search_show", 10, "with --search: rows of the ranking to print")
 _TOP = flags.DEFINE_integer("top", 5, "largest state tensors to name when the step does not fit")
 
@@ -57,31 +60,43 @@ def compiled_summary(plan, hbm: int) -> dict:
 
 
 def _search(exp, layout, topo, devices, result) -> tuple[bool, object]:
-    """Ranks meshes x microbatch counts, compiles the best few when `devices` is given; returns
-    (fits, best candidate). When none fits, prints why per candidate."""
+    """Ranks meshes x microbatch counts and, when `devices` is given, compiles in rank order until one
+    fits (at most --search_compile compiles; a mesh that compiles over the HBM is retried once with
+    the microbatch count `calibrated_microbatches` predicts to fit); returns (fits, best candidate).
+    When none fits, prints why per candidate."""
     from ling_jax.plan import report
     from ling_jax.plan.compiled import compile_train_step, with_microbatches
-    from ling_jax.plan.search import communication_bytes, search_meshes
+    from ling_jax.plan.search import calibrated_microbatches, communication_bytes, search_meshes
 
     hbm = topo.hbm_bytes_per_device
     searched = search_meshes(exp, layout, topo.num_devices, hbm)
     ranked = searched.ranked
-    comm = [communication_bytes(exp, c) for c in ranked]
     verdicts, compiled_fit, summaries = {}, [], {}
-    for cand in ranked[: _SEARCH_COMPILE.value if devices is not None else 0]:
+    budget = _SEARCH_COMPILE.value if devices is not None else 0
+    queue = list(ranked)
+    while budget > 0 and queue and not compiled_fit:
+        cand = queue.pop(0)
         key = report.mesh_text(cand.mesh)
         summary = compiled_summary(
             compile_train_step(with_microbatches(exp, cand.microbatches), cand.mesh, devices), hbm
         )
+        budget -= 1
         used = summary.get("total_bytes") or summary["required_bytes"] or 0
-        verdicts[key] = f"{'fits' if summary['fits'] else 'NO'}, {report.gib(used)}"
+        verdicts[key] = f"{'fits' if summary['fits'] else 'NO'}, {report.gib(used)} at {cand.microbatches}"
         summaries[key] = summary
         print(
             f"compiled {key} with {cand.microbatches} microbatches in {summary['compile_seconds']:.1f} s: "
-            f"{verdicts[key]} per chip"
+            f"{report.gib(used)} per chip, {'fits' if summary['fits'] else 'does NOT fit'}"
         )
         if summary["fits"]:
             compiled_fit.append(cand)
+            ranked = [cand] + [c for c in ranked if c.mesh != cand.mesh]
+        elif used and cand.microbatches == next(c for c in ranked if c.mesh == cand.mesh).microbatches:
+            retry = calibrated_microbatches(exp, cand, used)
+            if retry is not None:  # the same mesh next, with more microbatches
+                print(f"  {key}: {retry.microbatches} microbatches are predicted to fit; compiling that next")
+                queue.insert(0, retry)
+    comm = [communication_bytes(exp, c) for c in ranked]
     report.print_search(ranked, comm, verdicts, _SEARCH_SHOW.value)
     result["search"] = [
         {

@@ -36,8 +36,14 @@ Terms (each is a line of the breakdown):
   (Before the per-shard dispatch, ragged / blocked sorted the GLOBAL batch's assignments, which
   GSPMD cannot split: Ling-1T at batch 512 on v5p:16x16x16 needed 563 GiB per device.)
 - logits: [N, V] float32 for the main head and each MTP head, plus one gradient of that size.
-- gathered weights: FSDP all-gathers one layer's weights (in `dtype`) for its matmuls and
-  produces that layer's full weight gradient before the reduce-scatter.
+- gathered weights: FSDP all-gathers a layer's weights (in `dtype`) for its matmuls, in the forward
+  and again in the backward recompute, each gather of the next layer overlapping the current one
+  (4 copies), and produces that layer's full weight gradient in float32 before the reduce-scatter:
+  4 x dtype + 4 bytes per element of the largest layer (per device: over model, and expert for the
+  routed experts). Calibrated on one compile (2026-12-07): Ling-1T on v5p:8x8x16, mesh fsdp=16
+  expert=2 context=32, whose compiled size at 9 and 27 microbatches extrapolates to 77 GiB that
+  does not shrink with the microbatch beyond the state; this term gives 72 GiB there (2 x dtype,
+  the earlier term, gave 24 GiB and ranked that mesh first although no microbatch count fits it).
 """
 
 from __future__ import annotations
@@ -184,7 +190,7 @@ def activation_breakdown(
         "saved across layers": saved,
         "one layer in backward": 2 * largest.total,
         "logits (+ gradient)": (2 + cfg.num_mtp_layers) * tokens * vocab * F32,
-        "gathered layer weights (+ grads)": int(2 * gathered * dt),
+        "gathered layer weights (+ grads)": int(gathered * (4 * dt + F32)),
     } | {"  of which MoE dispatch": 2 * largest.dispatch}
 
 

@@ -225,6 +225,37 @@ def best_microbatches(
     return min(tried, key=lambda c: c.memory_bytes)
 
 
+def fixed_bytes(cand: Candidate) -> int:
+    """The part of a candidate's memory that does not shrink with more microbatches: the state, the
+    accumulator and one layer's gathered weights."""
+    return cand.memory_bytes - per_microbatch_bytes(cand)
+
+
+def per_microbatch_bytes(cand: Candidate) -> int:
+    """The activations that scale with the microbatch's rows (all but the gathered layer weights)."""
+    acts = {k: v for k, v in cand.activations.items() if not k.startswith("gathered")}
+    return activation_bytes(acts)
+
+
+def calibrated_microbatches(
+    exp: Experiment, cand: Candidate, compiled_bytes: int, platform: str = "tpu"
+) -> Candidate | None:
+    """After `cand` compiled to `compiled_bytes` per device and did not fit: the same mesh with the
+    fewest more microbatches predicted to fit, the per-microbatch activations scaled by what the
+    compiler needed beyond the fixed part over the analytic estimate of them (the compiler's
+    temporaries are what the analytic model gets wrong, and they shrink with the microbatch); None
+    when no microbatch count is predicted to fit."""
+    scale = max(1.0, (compiled_bytes - fixed_bytes(cand)) / max(1, per_microbatch_bytes(cand)))
+    flash = uses_flash_attention(exp, platform)
+    for k in microbatch_options(exp, cand.mesh):
+        if k <= cand.microbatches:
+            continue
+        nxt = _candidate(exp, cand.state, cand.mesh, cand.hbm_bytes, k, flash)
+        if fixed_bytes(nxt) + scale * per_microbatch_bytes(nxt) <= cand.hbm_bytes:
+            return nxt
+    return None
+
+
 def search_meshes(
     exp: Experiment,
     layout: StateLayout,

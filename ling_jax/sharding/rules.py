@@ -4,7 +4,9 @@ activations) to mesh axes. Changing parallelism means changing this table, not t
 - Batch is split over data, fsdp and expert, and the sequence ("activation_length") over context:
   every device holds distinct tokens. Attention gathers K / V over context and balances the causal
   work (ling_jax/ops/context_parallel.py); every other layer is per token.
-- Weights are split along their model width ("embed") over fsdp (ZeRO-3 style; gathered per layer).
+- Weights are split along their model width ("embed") over fsdp and context (ZeRO-3 style; gathered
+  per layer): context devices hold distinct tokens like fsdp devices, so they share the state too
+  (as MaxText does) instead of holding replicas of it.
 - Attention heads, FFN widths and the vocabulary go over model (tensor parallelism).
 - Routed experts go over expert (expert parallelism); the router and its bias stay replicated.
 """
@@ -23,14 +25,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_embed", None),
     # parameters
     ("vocab", "model"),
-    ("embed", "fsdp"),
-    ("embed_concat", "fsdp"),
+    ("embed", ("fsdp", "context")),
+    ("embed_concat", ("fsdp", "context")),
     ("q_heads", "model"),
     ("kv_heads", "model"),
     ("head_dim", None),
     ("mlp", "model"),
     ("exp", "expert"),
-    ("embed_moe", "fsdp"),
+    ("embed_moe", ("fsdp", "context")),
     ("mlp_moe", "model"),
     ("router_exp", None),
     ("norm", None),
