@@ -26,11 +26,11 @@ from ling_jax.plan.program_flops import program_flops, traced_jaxpr
 from ling_jax.plan.search import (
     calibrated_microbatches,
     communication_bytes,
-    fixed_bytes,
-    per_microbatch_bytes,
     evaluate_mesh,
     factorizations,
+    fixed_bytes,
     mesh_rejection,
+    per_microbatch_bytes,
     search_meshes,
     uses_flash_attention,
 )
