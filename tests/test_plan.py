@@ -155,7 +155,8 @@ def test_optimizer_state_is_mu_and_nu_in_param_dtype():
 
 
 def test_mesh_that_cannot_split_a_leaf_is_rejected_naming_it():
-    with pytest.raises(ConfigError, match=r"cannot split params/\S+ of shape \(1, 128, 2, 32\) as P\(None, 'fsdp'"):
+    expected = r"cannot split params/\S+ of shape \(1, 128, 2, 32\) as P\(None, \('fsdp', 'context'\)"
+    with pytest.raises(ConfigError, match=expected):
         plan_state(preset("tiny"), {"data": 1, "fsdp": 3, "expert": 1, "model": 1})  # hidden 128 over 3
 
 
@@ -416,7 +417,8 @@ def test_plan_cli_without_libtpu_prints_analytic_plan_and_budget():
 
 
 def test_plan_cli_ling_1t_on_8_chips_fails_naming_biggest_consumers():
-    proc, result = run_plan("--config", "configs/ling_1t.py", "--topology", "v5p:2x2x2", "--nocompile")
+    one_axis = ["--config.mesh.expert=1", "--config.mesh.context=1"]  # the preset's mesh is for 1,024 chips
+    proc, result = run_plan("--config", "configs/ling_1t.py", "--topology", "v5p:2x2x2", "--nocompile", *one_axis)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert result["fits"] is False and result["analytic"]["fits"] is False
     out = proc.stdout

@@ -113,24 +113,25 @@ def test_parameters_are_sharded_as_the_rules_say(small_model_result):
     specs = small_model_result["specs"]
     assert specs["mesh"] == {"data": 1, "context": 1, **SPECS_MESH}
     leaves = specs["leaves"]
+    W = ("fsdp", "context")  # the model width ("embed"): context devices share the state with fsdp
     moe = "params['moe_stack']['layers']['moe']"
     attn = "params['moe_stack']['layers']['attention']"
     # Routed experts: [layers, E, D, F] / [layers, E, F, D]: experts over 'expert' right after 'layers'.
-    assert _spec(leaves, f"{moe}['gate_proj']") == [None, "expert", "fsdp", "model"]
-    assert _spec(leaves, f"{moe}['up_proj']") == [None, "expert", "fsdp", "model"]
-    assert _spec(leaves, f"{moe}['down_proj']") == [None, "expert", "model", "fsdp"]
-    assert _spec(leaves, "params['mtp_0']['layer']['moe']['gate_proj']") == ["expert", "fsdp", "model"]
-    # Embedding [V, D]: vocab over 'model', width over 'fsdp'; lm_head [D, V] the other way round.
-    assert _spec(leaves, "params['embedding']") == ["model", "fsdp"]
-    assert _spec(leaves, "params['lm_head']") == ["fsdp", "model"]
+    assert _spec(leaves, f"{moe}['gate_proj']") == [None, "expert", W, "model"]
+    assert _spec(leaves, f"{moe}['up_proj']") == [None, "expert", W, "model"]
+    assert _spec(leaves, f"{moe}['down_proj']") == [None, "expert", "model", W]
+    assert _spec(leaves, "params['mtp_0']['layer']['moe']['gate_proj']") == ["expert", W, "model"]
+    # Embedding [V, D]: vocab over 'model', width over W = ('fsdp', 'context'); lm_head [D, V] the other way round.
+    assert _spec(leaves, "params['embedding']") == ["model", W]
+    assert _spec(leaves, "params['lm_head']") == [W, "model"]
     # Attention [layers, D, heads, Dh]: heads over 'model'; o_proj [layers, H, Dh, D].
-    assert _spec(leaves, f"{attn}['q_proj']['kernel']") == [None, "fsdp", "model", None]
-    assert _spec(leaves, f"{attn}['k_proj']['kernel']") == [None, "fsdp", "model", None]
-    assert _spec(leaves, f"{attn}['o_proj']['kernel']") == [None, "model", None, "fsdp"]
-    # Dense FFN [layers, D, F]: width over 'fsdp', hidden over 'model'.
-    assert _spec(leaves, "params['dense_stack']['layers']['mlp']['gate_proj']['kernel']") == [None, "fsdp", "model"]
+    assert _spec(leaves, f"{attn}['q_proj']['kernel']") == [None, W, "model", None]
+    assert _spec(leaves, f"{attn}['k_proj']['kernel']") == [None, W, "model", None]
+    assert _spec(leaves, f"{attn}['o_proj']['kernel']") == [None, "model", None, W]
+    # Dense FFN [layers, D, F]: width over W = ('fsdp', 'context'), hidden over 'model'.
+    assert _spec(leaves, "params['dense_stack']['layers']['mlp']['gate_proj']['kernel']") == [None, W, "model"]
     # The router and the expert biases are replicated over experts (every device routes every token).
-    assert _spec(leaves, f"{moe}['router']") == [None, "fsdp", None]
+    assert _spec(leaves, f"{moe}['router']") == [None, W, None]
     assert _spec(leaves, "expert_bias['moe_stack']['layers']['moe']['bias']") == [None, None]
     assert _spec(leaves, "expert_bias['mtp_0']['layer']['moe']['bias']") == [None]
 
