@@ -1,6 +1,6 @@
 """Context extension on CPU: passkey retrieval at 1,024 tokens after YaRN vs plain RoPE.
 
-    python benchmarks/long_context.py [--short_len 256] [--long_len 1024] [--short_steps 2000]
+    python benchmarks/long_context.py [--short_len 256] [--long_len 1024] [--short_steps 3000]
         [--long_steps 100] [--samples 10] [--workdir /tmp/long_context]
 
 1. Stage "short": the tiny preset trained with the real training loop (ling_jax.train.loop.run)
@@ -87,7 +87,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short_len", type=int, default=256)
     parser.add_argument("--long_len", type=int, default=1024)
-    parser.add_argument("--short_steps", type=int, default=2000)
+    parser.add_argument("--short_steps", type=int, default=3000)
     parser.add_argument("--long_steps", type=int, default=100)
     parser.add_argument("--short_batch", type=int, default=16)
     parser.add_argument("--long_batch", type=int, default=4)
