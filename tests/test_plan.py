@@ -428,6 +428,14 @@ def test_plan_cli_ling_1t_on_8_chips_fails_naming_biggest_consumers():
     assert result["params_total"] > 0.9e12 and result["analytic"]["params_bytes"] > 400 * GiB
 
 
+def test_plan_cli_a_mesh_the_topology_cannot_hold_points_to_search():
+    """The ling_1t preset's mesh needs multiples of 128 devices: on 8 chips a clear error, exit 2."""
+    proc, _ = run_plan("--config", "configs/ling_1t.py", "--topology", "v5p:2x2x2", "--nocompile")
+    assert proc.returncode == 2
+    assert "mesh.fsdp=-1: the other axes' product 128 does not divide the 8 devices" in proc.stderr
+    assert "--search finds a mesh and microbatch count for v5p:2x2x2" in proc.stderr
+
+
 def test_plan_cli_search_without_libtpu_ranks_meshes():
     proc, result = run_plan(
         "--config", "configs/tiny.py", "--topology", "v5p:2x2x2", "--search", env={"LING_JAX_NO_LIBTPU": "1"}

@@ -201,7 +201,7 @@ def main(argv):
         chosen = evaluate_mesh(exp, layout, mesh, hbm)
     except ConfigError as e:
         if not _SEARCH.value:
-            raise
+            _fail(f"config error: {e} (--search finds a mesh and microbatch count for {topo.name})")
         print(f"the configured mesh cannot run on {topo.name}: {e}")
     if chosen is not None:
         report.print_memory(chosen, topo)
