@@ -74,7 +74,31 @@ def _worker() -> dict:
             for n, a, b in zip(names, sharded[op], single[op]):
                 case[n] = rel(a, b) if n != "ids" else float(np.mean(np.asarray(a) != np.asarray(b)))
         results[name] = case
+    results["router_BT_data2_context4"] = _sequence_router_case(router, rel)
     return results
+
+
+def _sequence_router_case(router, rel) -> dict:
+    """The Pallas router on [B, T, E] logits (the MoE layer's layout) under data=2 context=4: one
+    kernel call per (batch, sequence) shard of [B/2, T/4] tokens, equal to one device's."""
+    import jax
+    import numpy as np
+
+    from ling_jax.sharding import build_mesh
+
+    mesh = build_mesh({"data": 2, "fsdp": 1, "expert": 1, "context": 4, "model": 1})
+    keys = jax.random.split(jax.random.key(1), 3)
+    logits = jax.random.normal(keys[0], (4, 64, 16))
+    bias = 0.1 * jax.random.normal(keys[1], (16,))
+    ct = jax.random.normal(keys[2], (4, 64, 2))
+    single = jax.jit(router)(logits, bias, ct)
+    with jax.set_mesh(mesh):
+        text = jax.jit(router).lower(logits, bias, ct).as_text()
+        sharded = jax.jit(router)(logits, bias, ct)
+    case = {"shard_map": "shard_map" in text or "sdy.manual_computation" in text, "local_shape": "2x16x16" in text}
+    case["ids"] = float(np.mean(np.asarray(sharded[0]) != np.asarray(single[0])))
+    case["weights"], case["dlogits"] = rel(sharded[1], single[1]), rel(sharded[2], single[2])
+    return case
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +111,14 @@ def measured() -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_pallas_router_splits_the_sequence_over_context(measured):
+    result = measured["router_BT_data2_context4"]
+    assert result.pop("shard_map") and result.pop("local_shape"), "not run per (batch, sequence) shard"
+    assert result.pop("ids") == 0.0
+    for name, err in result.items():
+        assert err <= TOL, (name, err)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -14,7 +14,7 @@ bias update is the same on every mesh. The routed experts then run per shard:
   global batch's N * k (which GSPMD cannot split). The implementation is `select_moe_impl`'s, for
   the devices the step is traced for. With mesh axis "expert" > 1 the experts stay
   split over it and tokens travel by all-to-all; otherwise every device gathers all experts'
-  weights (sharded "embed_moe" -> fsdp). The expert width ("mlp_moe" -> model) stays split: each
+  weights (sharded "embed_moe" -> fsdp and context). The expert width ("mlp_moe" -> model) stays split: each
   model-axis device computes its F-slice and the partial outputs are summed over "model".
   If the batch or the sequence does not split evenly over its axes, or those axes are already manual
   (the model called inside someone's shard_map), the global `dispatch` is used.
