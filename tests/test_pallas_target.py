@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,7 +76,47 @@ def _worker() -> dict:
                 case[n] = rel(a, b) if n != "ids" else float(np.mean(np.asarray(a) != np.asarray(b)))
         results[name] = case
     results["router_BT_data2_context4"] = _sequence_router_case(router, rel)
+    results |= _sequence_projection_cases(rel)
     return results
+
+
+def _sequence_projection_cases(rel) -> dict:
+    """FP8 projections of [B, T, K] under data=2 context=4: the Pallas kernel per (batch, sequence)
+    shard ([2, 128, K] rows each: the FP8 weight gradient's [128, 1] row tiles are one device's), XLA
+    one matmul per row b; both equal one device's."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ling_jax.ops.fp8 import fp8_projection
+    from ling_jax.sharding import build_mesh
+
+    mesh = build_mesh({"data": 2, "fsdp": 1, "expert": 1, "context": 4, "model": 1})
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (4, 512, 160))
+    w = jax.random.normal(keys[1], (160, 96)) / 13
+    ct = jax.random.normal(keys[2], (4, 512, 96))
+    rows = NamedSharding(mesh, PartitionSpec("data", "context"))  # as the train step's activations lie
+    cases = {}
+    for impl in ("pallas", "xla"):
+
+        def projection(x, w, ct, impl=impl):
+            y, vjp = jax.vjp(lambda x, w: fp8_projection(x, w, contract=1, impl=impl, out_dtype=jnp.float32), x, w)
+            return (y, *vjp(ct))
+
+        single = jax.jit(projection)(x, w, ct)
+        with jax.set_mesh(mesh):
+            lowered = jax.jit(projection).lower(jax.device_put(x, rows), w, jax.device_put(ct, rows))
+            text, compiled = lowered.as_text(), lowered.compile().as_text()
+            sharded = jax.jit(projection)(jax.device_put(x, rows), w, jax.device_put(ct, rows))
+        # the shapes all-gathered; before: every device gathered its rows' whole sequence, f32[2,512,160]
+        gathered = re.findall(r"= (\S+) all-gather(?:-start)?\(", compiled)
+        case = {"gathers_sequence": any(",512," in shape for shape in gathered)}
+        if impl == "pallas":
+            case["local_shape"] = "2x128x160" in text
+        case |= {n: rel(a, b) for n, a, b in zip(("y", "dx", "dw"), sharded, single)}
+        cases[f"projection_BT_{impl}_data2_context4"] = case
+    return cases
 
 
 def _sequence_router_case(router, rel) -> dict:
@@ -119,6 +160,15 @@ def test_pallas_router_splits_the_sequence_over_context(measured):
     assert result.pop("ids") == 0.0
     for name, err in result.items():
         assert err <= TOL, (name, err)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_fp8_projection_keeps_the_sequence_split_over_context(measured, impl):
+    result = measured[f"projection_BT_{impl}_data2_context4"]
+    assert result.pop("local_shape", True), "the Pallas kernel did not run per (batch, sequence) shard"
+    assert not result.pop("gathers_sequence"), "the sequence was gathered over the context axis"
+    for name, err in result.items():
+        assert err <= TOL, (impl, name, err)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
