@@ -1,4 +1,4 @@
-"""`ling-jax plan --config configs/ling_1t.py --topology v5p:16x16x16 [--search]`: will the train
+"""`ling-jax plan --config configs/ling_1t.py --topology v5p:8x8x16 [--search]`: will the train
 step fit, and what will it cost?
 
 1. Analytic (no libtpu): parameter counts, training FLOPs, per-device bytes of parameters,
