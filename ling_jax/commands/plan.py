@@ -73,29 +73,33 @@ def _search(exp, layout, topo, devices, result) -> tuple[bool, object]:
     ranked = searched.ranked
     verdicts, compiled_fit, summaries = {}, [], {}
     budget = _SEARCH_COMPILE.value if devices is not None else 0
-    queue = list(ranked)
-    while budget > 0 and queue and not compiled_fit:
-        cand = queue.pop(0)
-        key = report.mesh_text(cand.mesh)
-        summary = compiled_summary(
-            compile_train_step(with_microbatches(exp, cand.microbatches), cand.mesh, devices), hbm
-        )
-        budget -= 1
-        used = summary.get("total_bytes") or summary["required_bytes"] or 0
-        verdicts[key] = f"{'fits' if summary['fits'] else 'NO'}, {report.gib(used)} at {cand.microbatches}"
-        summaries[key] = summary
-        print(
-            f"compiled {key} with {cand.microbatches} microbatches in {summary['compile_seconds']:.1f} s: "
-            f"{report.gib(used)} per chip, {'fits' if summary['fits'] else 'does NOT fit'}"
-        )
-        if summary["fits"]:
-            compiled_fit.append(cand)
-            ranked = [cand] + [c for c in ranked if c.mesh != cand.mesh]
-        elif used and cand.microbatches == next(c for c in ranked if c.mesh == cand.mesh).microbatches:
-            retry = calibrated_microbatches(exp, cand, used)
-            if retry is not None:  # the same mesh next, with more microbatches
-                print(f"  {key}: {retry.microbatches} microbatches are predicted to fit; compiling that next")
-                queue.insert(0, retry)
+    for ranked_cand in ranked:
+        cand = ranked_cand
+        while cand is not None and budget > 0 and not compiled_fit:
+            key = report.mesh_text(cand.mesh)
+            summary = compiled_summary(
+                compile_train_step(with_microbatches(exp, cand.microbatches), cand.mesh, devices), hbm
+            )
+            budget -= 1
+            used = summary.get("total_bytes") or summary["required_bytes"] or 0
+            verdicts[key] = f"{'fits' if summary['fits'] else 'NO'}, {report.gib(used)} at {cand.microbatches}"
+            summaries[key] = summary
+            print(
+                f"compiled {key} with {cand.microbatches} microbatches in {summary['compile_seconds']:.1f} s: "
+                f"{report.gib(used)} per chip, {'fits' if summary['fits'] else 'does NOT fit'}"
+            )
+            if summary["fits"]:
+                compiled_fit.append(cand)
+            elif used and cand is ranked_cand:  # retried once, with the microbatches predicted to fit
+                cand = calibrated_microbatches(exp, cand, used)
+                if cand is not None:
+                    print(f"  {key}: {cand.microbatches} microbatches are predicted to fit; compiling that next")
+                continue
+            cand = None
+        if compiled_fit or budget == 0:
+            break
+    if compiled_fit:  # the fitting candidate (perhaps with more microbatches) heads the ranking
+        ranked = compiled_fit + [c for c in ranked if c.mesh != compiled_fit[0].mesh]
     comm = [communication_bytes(exp, c) for c in ranked]
     report.print_search(ranked, comm, verdicts, _SEARCH_SHOW.value)
     result["search"] = [

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ling_jax.ops.pallas_target import kernel_platform, length_axes, pallas_interpret, per_row_shard
+from ling_jax.ops.pallas_target import kernel_platform, pallas_interpret, token_wise
 from pallas_kernels.fp8_matmul import Fp8MatmulConfig, blockwise_fp8_matmul, quantize_blocks, quantize_tiles
 from pallas_kernels.fp8_matmul import ops as fp8_ops
 from pallas_kernels.fp8_matmul import reference as fp8_reference
@@ -92,24 +92,13 @@ def check_projection_equation(equation: str, x_ndim: int, kernel_ndim: int, cont
 def fp8_projection(x, kernel, *, contract: int, impl: str, out_dtype) -> jax.Array:
     """x [..., *C] @ kernel [*C, *O] -> [..., *O] through the blockwise FP8 matmul.
 
-    The matmul takes [M, K] rows. Under a mesh whose context axis splits x's second dimension
-    ([B, T, ...] with T over context), merging B x T would make GSPMD gather the sequence on every
-    device, so there the rows stay [B, T]: per (batch, sequence) shard for the Pallas kernel, one
-    matmul per row b (vmap) for XLA. Elsewhere x is merged as before."""
+    The matmul takes [M, K] rows; `token_wise` keeps [B, T] where a context axis splits T."""
     k = math.prod(kernel.shape[:contract])
     lead = x.shape[: x.ndim - contract]
     w_KN = kernel.reshape(k, -1)
 
-    def matmul(x, w):  # x [..., *C] -> [..., N]
-        y_MN = blockwise_fp8_matmul(x.reshape(-1, k), w, impl=impl, out_dtype=out_dtype, config=fp8_config())
-        return y_MN.reshape(*x.shape[: x.ndim - contract], -1)
+    def matmul(x_MC, w_KN):
+        return blockwise_fp8_matmul(x_MC.reshape(-1, k), w_KN, impl=impl, out_dtype=out_dtype, config=fp8_config())
 
-    mesh = jax.sharding.get_abstract_mesh()
-    sequence = len(lead) >= 2 and not mesh.empty and not mesh.manual_axes and bool(length_axes(mesh, lead[1]))
-    if impl == "pallas":
-        y = per_row_shard(matmul, (x,), (w_KN,), sequence=sequence)
-    elif sequence:
-        y = jax.vmap(matmul, in_axes=(0, None))(x, w_KN)
-    else:
-        y = matmul(x, w_KN)
+    y = token_wise(matmul, x, (w_KN,), kernel=impl == "pallas", token_dims=len(lead))
     return y.reshape(*lead, *kernel.shape[contract:])

@@ -112,3 +112,27 @@ def per_row_shard(fn: Callable, rows: tuple, replicated: tuple = (), *, sequence
         out_specs=jax.tree.map(lambda _: row_spec, out_shape),
         check_vma=False,  # pallas_call outputs carry no varying-axes type (platform notes)
     )(*rows, *replicated)
+
+
+def token_wise(fn: Callable, x, replicated: tuple = (), *, kernel: bool, token_dims: int):
+    """fn(x_rows, *replicated) on x whose first `token_dims` dimensions are tokens ([N] or [B, T]):
+    `fn` takes the tokens flattened into rows and returns arrays with the rows first, which come back
+    with x's token dimensions. Under a mesh whose context axis splits T of [B, T, ...], merging B x T
+    would make GSPMD gather every row's whole sequence, so the tokens stay [B, T] there: a `kernel`
+    (Pallas) call per (batch, sequence) shard (`per_row_shard`), an XLA op once per row b (vmap).
+    Elsewhere the tokens are merged (a kernel still per batch shard). `fn` must be per token."""
+
+    def flat(lead: int):
+        def run(x, *rep):
+            out = fn(x.reshape(-1, *x.shape[lead:]), *rep)
+            return jax.tree.map(lambda y: y.reshape(*x.shape[:lead], *y.shape[1:]), out)
+
+        return run
+
+    mesh = jax.sharding.get_abstract_mesh()
+    sequence = token_dims >= 2 and not mesh.empty and not mesh.manual_axes and bool(length_axes(mesh, x.shape[1]))
+    if kernel:
+        return per_row_shard(flat(token_dims), (x,), replicated, sequence=sequence)
+    if sequence:
+        return jax.vmap(flat(token_dims - 1), in_axes=(0,) + (None,) * len(replicated))(x, *replicated)
+    return flat(token_dims)(x, *replicated)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ling_jax.ops.pallas_target import pallas_interpret, per_row_shard
+from ling_jax.ops.pallas_target import pallas_interpret, token_wise
 from pallas_kernels.topk_router import RouterKernelConfig, sigmoid_topk_route
 
 
@@ -48,16 +48,8 @@ def route(
             config=config,
         )
 
-    def flat_op(logits_E, expert_bias_E):  # the op takes [N, E]: flatten the token dimensions
-        ids_Nk, weights_Nk = op(logits_E.reshape(-1, logits_E.shape[-1]), expert_bias_E)
-        lead = logits_E.shape[:-1]
-        return ids_Nk.reshape(*lead, top_k), weights_Nk.reshape(*lead, top_k)
-
-    if impl == "pallas":  # a Mosaic kernel runs per batch (and sequence) shard; GSPMD cannot partition it
-        return per_row_shard(flat_op, (logits_E,), (expert_bias_E,), sequence=logits_E.ndim == 3)
-    if logits_E.ndim == 3:  # per row, so GSPMD keeps [B, T] split as it is (a merged B * T could not be)
-        return jax.vmap(op, in_axes=(0, None))(logits_E, expert_bias_E)
-    return flat_op(logits_E, expert_bias_E)
+    # a Mosaic kernel runs per batch (and sequence) shard: GSPMD cannot partition it
+    return token_wise(op, logits_E, (expert_bias_E,), kernel=impl == "pallas", token_dims=logits_E.ndim - 1)
 
 
 def expert_counts(ids_k: jax.Array, num_experts: int, token_mask: jax.Array | None = None) -> jax.Array:
