@@ -447,6 +447,16 @@ def test_plan_cli_search_without_libtpu_ranks_meshes():
 
 
 @needs_libtpu
+def test_plan_cli_search_compiles_a_context_mesh_for_v5p():
+    """tiny's search ranks a context=2 mesh first: 64 queries per device, which the splash kernel cannot
+    take, so "auto" attention runs the XLA core there (it used to pick splash from the whole 128 and
+    fail while tracing)."""
+    proc, result = run_plan("--config", "configs/tiny.py", "--topology", "v5p:2x2x2", "--search", "--search_compile=1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert result["best_mesh"]["context"] > 1 and result["best_compiled"]["fits"]
+
+
+@needs_libtpu
 def test_plan_cli_tiny_compiles_for_v5p_and_fits():
     # The XLA attention core: its FLOPs are the exact accounting below (auto on TPU is the splash kernel,
     # a Pallas call the program's FLOP count does not see into).

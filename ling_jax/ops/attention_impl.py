@@ -126,11 +126,14 @@ def attention(q_BTHd, k_BSKd, v_BSKd, mask: AttentionMask, *, impl: str, cached:
     cache); True: attention over a KV cache (`mask` says which slots each query sees)."""
     target = kernel_target()
     T, S = q_BTHd.shape[1], k_BSKd.shape[1]
-    choice = select_impl(impl, Query(target, T, S, cached))
+    mesh = jax.sharding.get_abstract_mesh()
+    ctx = None if cached else context_axis(mesh)
+    # under context parallelism each device's kernel sees T / context queries: those decide the core
+    choice = select_impl(impl, Query(target, T // mesh.shape[ctx] if ctx else T, S, cached))
     if choice.reason is not None:
         _warn_once(choice.reason)
     interpret = target.platform != "tpu"
-    if not cached and context_axis(jax.sharding.get_abstract_mesh()) is not None:
+    if ctx is not None:
         local = "splash" if choice.impl == "splash" else "xla"
         return context_parallel_attention(q_BTHd, k_BSKd, v_BSKd, mask, local_impl=local, interpret=interpret)
     if choice.impl == "splash":
