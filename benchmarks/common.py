@@ -8,10 +8,12 @@ burst of background load hits all of them instead of biasing one.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -97,3 +99,26 @@ def print_json_line(obj: Mapping[str, Any], file=sys.stdout) -> None:
         return v
 
     print(json.dumps(rounded(obj), separators=(", ", ": ")), file=file, flush=True)
+
+
+WORKDIR_MARK = ".ling_jax_benchmark"  # what a benchmark leaves in the --workdir it made
+
+
+def claim_workdir(workdir: str | Path, *, clear: bool = True) -> Path:
+    """`workdir` for a benchmark's runs: created (with a marker file) when absent or empty; when the
+    marker says a benchmark made it, its old contents removed (`clear`) or kept (a benchmark that
+    reuses what it wrote, e.g. a cached SFT run, removes only its own run folders). SystemExit, deleting nothing,
+    for a directory with anything else in it (a user's files): the benchmarks never remove what they
+    did not create."""
+    root = Path(workdir)
+    if root.exists() and not root.is_dir():
+        sys.exit(f"--workdir {root} is a file, not a directory")
+    if root.is_dir() and any(root.iterdir()) and not (root / WORKDIR_MARK).is_file():
+        sys.exit(f"--workdir {root} holds files a benchmark did not write ({WORKDIR_MARK} is missing); pick another")
+    if root.is_dir() and clear:
+        for child in root.iterdir():
+            if child.name != WORKDIR_MARK:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / WORKDIR_MARK).write_text("made by a ling_jax benchmark; its contents are replaced on every run\n")
+    return root

@@ -22,6 +22,8 @@ from ling_jax.platform import configure_platform
 
 configure_platform()
 
+from common import claim_workdir  # noqa: E402
+
 from ling_jax.train.config import experiment_from_config  # noqa: E402
 from ling_jax.train.loop import run  # noqa: E402
 
@@ -55,6 +57,7 @@ def main():
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fp8_convergence"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
+    claim_workdir(args.workdir)  # each run's folder below is removed before it runs: never a user's
     rows = []
     for seed in args.seeds:
         f32_loss, f32_heldout = train("off", args.steps, args.workdir / f"float32_seed{seed}", seed)

@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import time
 from pathlib import Path
 
 from ling_jax.platform import configure_platform
 
 configure_platform()
+
+from common import claim_workdir  # noqa: E402
 
 from ling_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from ling_jax.tasks import passkey  # noqa: E402
@@ -105,8 +106,7 @@ def main():
     if args.long_len <= args.short_len:
         parser.error(f"--long_len ({args.long_len}) must exceed --short_len ({args.short_len})")
 
-    root = Path(args.workdir)
-    shutil.rmtree(root, ignore_errors=True)
+    root = claim_workdir(args.workdir)
     started = time.perf_counter()
     results: dict[str, dict[float, float]] = {}
     timings: dict[str, float] = {}

@@ -32,7 +32,7 @@ from ling_jax.platform import configure_platform
 
 configure_platform()
 
-from common import print_json_line, print_table  # noqa: E402
+from common import claim_workdir, print_json_line, print_table  # noqa: E402
 
 from ling_jax.configs import get  # noqa: E402
 from ling_jax.rl.config import rl_from_config  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/rl_objectives")
     args = parser.parse_args()
 
-    workdir = Path(args.workdir)
+    workdir = claim_workdir(args.workdir, clear=False)  # keeps its cached SFT run; never a user's folder
     # Runs of one objective compile the same programs (and all runs the same sampler): a persistent
     # compilation cache lets every run after the first load them instead of compiling again.
     import jax
