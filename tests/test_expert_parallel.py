@@ -280,6 +280,11 @@ def test_uneven_splits_are_refused_with_the_sizes():
         expert_parallel_dispatch_with_stats(x, ids, w, experts, mesh=AbstractMesh((4,), ("expert",)))
     with pytest.raises(ValueError, match=r"5 tokens do not split evenly over token axes \('expert',\) \(3 shards\)"):
         expert_parallel_dispatch_with_stats(x, ids, w, experts, mesh=AbstractMesh((3,), ("expert",)))
+    # [B, T] tokens: T over context must split too
+    x, ids, w = jnp.zeros((2, 5, 4)), jnp.zeros((2, 5, 2), jnp.int32), jnp.zeros((2, 5, 2))
+    mesh = AbstractMesh((2, 2), ("data", "context"))
+    with pytest.raises(ValueError, match=r"sequence length 5 does not split evenly over length axes \('context',\)"):
+        per_shard_dispatch(x, ids, w, experts, mesh=mesh, impl="blocked")
 
 
 # A rules table with batch over (data, fsdp) only, experts over fsdp, the expert width unsplit: what a
